@@ -1,0 +1,657 @@
+"""SMAT — Sparse MetA-Tuning, the method in one file, in the paper's order.
+
+SMAT meta-tunes a frozen pre-trained vision transformer for few-shot classification. A pool of
+sparse "interpolated experts" — one shared dense update δ and one hard-concrete mask z_m per
+expert — is mixed per task by a router that reads the support set, and interpolated with the frozen
+weights: θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ. Training distils a dense one-step teacher into the sparse
+student and holds every expert at a target sparsity τ with a Lagrangian constraint.
+
+Paper: Chen, Tack, Yang, Teh, Schwarz, Wei. "Unleashing the Power of Meta-tuning for Few-shot
+Generalization Through Sparse Interpolated Experts". ICML 2024, arXiv 2403.08477 (v1). The paper's
+equation numbers are not available to us: tags cite sections of our spec (`[SMAT §3.x]`, see
+docs/method.md) and the official code at commit 302a914 (`[official: SIE Lnnn]`, SIE =
+src/learners/meta_learners/sparse_interpolated_experts.py). Choices that differ from either are
+marked `NOTE:` and listed in docs/deviations.md.
+
+Reading guide: start at `meta_train_step` (§7), one screen that reads like the algorithm; §2-§6 are
+its parts; §8 is the meta-update (optimisers and dual ascent on the multipliers).
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor, nn
+from torch.func import functional_call
+
+typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns every check off
+
+# Shape glossary (jaxtyping axis names used below)
+#   n_params   P, every scalar of the backbone, flattened          (ViT-S/16: 21.67 M)
+#   n_experts  M, experts in the pool                               (8)
+#   n_support  support images of one episode; n_query query images
+#   n_way      classes of the episode; dim  feature width of the backbone (ViT-S: 384)
+
+
+# --- § 1 Configuration ----------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message is one line naming it and what is valid."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every hyper-parameter of a run, with its default; written beside every checkpoint.
+
+    The defaults are the CPU profile (embedded benchmark, tiny ViT). `Config.paper()` gives the
+    paper's ViT-S/16 DINO Meta-Dataset settings [SMAT §3.11, official configs/md_smat_vits_dino.yaml].
+    """
+
+    # method [SMAT §3]
+    method: Literal["smat", "pmf"] = "smat"  # pmf = dense ProtoNet meta-tuning, the same code with parts off
+    n_experts: int = 8  # |M|, size of the expert pool [official: sparsity.num_experts]
+    sparsity: float = 0.9  # τ, target fraction of zeros in every expert's mask [SMAT §3.9]
+    mask_init_std: float = 0.5  # log α ~ N(0, 0.5²) [official: SIE L127-128]
+    log_alpha_bound: float = math.log(100.0)  # log α clamped to ±4.605 [official: SIE L352-354]
+    mask_sampling: Literal["stochastic", "official"] = "stochastic"  # §2; official = noise-free, β=1 at test
+    router_tokens: int = 4  # learnable "skill" tokens appended to the prototypes [official: SIE L97]
+    router_heads: int = 4  # heads of the router's attention block [official: SIE L98-100]
+    router_mlp_ratio: float = 2.0
+    router_spectral_norm: bool = True  # spectral norm on the router's linear layers [official: SIE L73]
+    router_temperature_start: float = 5.0  # T_r = max(0.5, 5 - n/4000) [official: SIE L473]
+    router_temperature_end: float = 0.5
+    router_anneal_tasks: int = 18_000  # tasks until T_r reaches its end value (official: 18k)
+    router_logit_penalty: float = 1e-4  # 1e-4·mean(a²) "for stabilised training" [official: SIE L686]
+    cosine_scale: float = 10.0  # logits = 10·cos(f, W_c) [official: common.py sim_func]
+    inner_step: bool = True  # one first-order GD step on the support set, training only [SMAT §3.6]
+    inner_lr: float = 1e-3
+    teacher: bool = True  # dense teacher + distillation [SMAT §3.8]
+    teacher_steps: int = 1  # K; the official code hard-codes 1 [official: SIE L657]
+    teacher_lr: float = 5e-3
+    distill_temperature: float = 2.0  # T
+    distill_weight: float = 0.25  # κ: loss = (1-κ)·CE + κ·KD [official: SIE L708]
+    distill_direction: Literal["reverse", "forward"] = "reverse"  # official: KL(student‖teacher)
+    kl_to_pretrained: bool = True  # extra KL to the frozen model's ProtoNet [official: SIE L668-685]
+
+    # meta-update [SMAT §3.11]
+    meta_batch: int = 4  # tasks per optimiser step
+    episodes: int = 2_000  # meta-training episodes (tasks)
+    delta_lr: float = 1e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4  # decays θ_i towards θ_pre, since θ_i - θ_pre ∝ δ
+    mask_lr: float = 1e6  # huge on purpose: sign-like jumps make masks quasi-binary [official: yaml]
+    mask_clip: float = 5.0  # global grad-norm clip on log α [official: max_grad_norm]
+    multiplier_lr: float = 2e-3  # η_λ, dual ascent step [official: outer_lr.lagrangian_lr]
+    router_lr: float = 1e-4  # AdamW [official: trainer L121]
+    router_weight_decay: float = 1e-2
+    router_clip: float = 1.0
+    warmup_fraction: float = 0.1  # linear warm-up, then cosine (official: 5 of 50 epochs)
+
+    # data, backbone and protocol (read by train.py / evaluate.py, never by §2-§8)
+    data: str = "embedded"
+    backbone: str = "tiny"
+    image_size: int = 32
+    train_protocol: Literal["fixed", "variable"] = "fixed"
+    train_ways: int = 5
+    train_shots: int = 5
+    train_queries: int = 10
+    test_protocol: Literal["fixed", "variable"] = "fixed"
+    test_ways: int = 5
+    test_shots: int = 5
+    test_queries: int = 15
+    val_every: int = 500  # episodes between validations
+    val_episodes: int = 60  # per ID domain
+    test_episodes: int = 600  # per domain [official: nTestEpisode]
+    seed: int = 0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs in fp32
+
+    def __post_init__(self) -> None:
+        checks = [  # (holds, name, value, what would be valid)
+            (0.0 <= self.sparsity < 1.0, "sparsity", self.sparsity, "a number in [0, 1)"),
+            (self.n_experts >= 1, "experts", self.n_experts, "an integer >= 1"),
+            (self.method != "pmf" or self.n_experts == 1, "experts", self.n_experts, "1 for method pmf"),
+            (self.episodes >= 1, "episodes", self.episodes, "an integer >= 1"),
+            (self.meta_batch >= 1, "meta_batch", self.meta_batch, "an integer >= 1"),
+            (self.teacher_steps >= 1, "teacher_steps", self.teacher_steps, "an integer >= 1"),
+            (self.router_tokens >= 1, "router_tokens", self.router_tokens, "an integer >= 1"),
+            (self.image_size >= 8, "image_size", self.image_size, "an integer >= 8"),
+            (0.0 <= self.distill_weight <= 1.0, "distill_weight", self.distill_weight, "a number in [0, 1]"),
+            (self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "a number > 0"),
+            (0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "a number in [0, 1)"),
+            (min(self.train_ways, self.test_ways) >= 2, "ways", min(self.train_ways, self.test_ways), ">= 2"),
+            (min(self.train_shots, self.test_shots) >= 1, "shots", min(self.train_shots, self.test_shots), ">= 1"),
+            (min(self.train_queries, self.test_queries) >= 1, "queries", min(self.train_queries, self.test_queries), ">= 1"),
+            (self.val_episodes >= 2, "val_episodes", self.val_episodes, "an integer >= 2"),
+            (self.test_episodes >= 2, "test_episodes", self.test_episodes, "an integer >= 2"),
+        ]
+        for holds, name, value, valid in checks:
+            if not holds:
+                raise ConfigError(f"{name} = {value} is out of range; it must be {valid}")
+
+    @property
+    def uses_masks(self) -> bool:
+        """SMAT has masks, a router, a teacher and the sparsity constraint; PMF has none of them."""
+        return self.method == "smat"
+
+    @classmethod
+    def pmf(cls, **overrides) -> "Config":
+        """Dense ProtoNet meta-tuning (P>M>F, Hu et al. CVPR 2022): one dense expert, prototypes, CE."""
+        off = dict(method="pmf", n_experts=1, teacher=False, kl_to_pretrained=False, inner_step=False)
+        return cls(**{**off, **overrides})
+
+    @classmethod
+    def paper(cls, **overrides) -> "Config":
+        """The paper's ViT-S/16 DINO Meta-Dataset profile [SMAT §1.3-1.5, §3.11]: 50k tasks, 128 px."""
+        paper = dict(
+            backbone="vit_small_patch16", image_size=128, data="h5:metadataset_h5/ilsvrc_2012",
+            train_protocol="variable", test_protocol="variable", episodes=50_000,
+            val_every=2_000, val_episodes=120, router_anneal_tasks=18_000, warmup_fraction=0.1,
+        )
+        return cls(**{**paper, **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# --- § 2 Hard-concrete gates [Louizos, Welling & Kingma, ICLR 2018, §4] -------------------------
+
+# Louizos+18's stretched hard-concrete distribution; the official code uses the same constants
+# [official: SIE L81-84].
+BETA = 2.0 / 3.0  # temperature of the concrete (relaxed Bernoulli) sample
+GAMMA = -0.1  # stretch interval (γ, ζ) = (-0.1, 1.1): the sample can land beyond [0, 1] ...
+ZETA = 1.1  # ... and is then clamped, so exact zeros and exact ones have non-zero probability
+EPSILON = 1e-6  # keeps u away from 0 and 1 so log u and log(1-u) stay finite
+
+
+def _stretch_and_clamp(s: Tensor) -> Tensor:
+    # z = min(1, max(0, s·(ζ-γ) + γ))
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+@typechecked
+def sample_gates(
+    log_alpha: Float[Tensor, "n_experts n_params"], generator: torch.Generator | None = None
+) -> Float[Tensor, "n_experts n_params"]:
+    """A stochastic hard-concrete sample, the training-time gate of Louizos+18.
+
+    u ~ U(0, 1), s = σ((log u - log(1-u) + log α) / β), z = clamp(s·(ζ-γ) + γ, 0, 1). The
+    reparameterised noise lets gradients reach log α while z still contains exact zeros.
+    """
+    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
+    u = u.clamp(EPSILON, 1.0 - EPSILON)
+    return _stretch_and_clamp(torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA))
+
+
+@typechecked
+def official_train_gates(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, "n_experts n_params"]:
+    """The official code's training gate: u ≈ 0.5 makes the noise vanish, so z is deterministic.
+
+    NOTE: [official: SIE L226] draws u from U(0.5 - 1e-6, 0.5 + 1e-6); we drop the ±1e-6 (it changes
+    log u - log(1-u) by < 4e-6). Selected with Config.mask_sampling = "official".
+    """
+    return _stretch_and_clamp(torch.sigmoid(log_alpha / BETA))
+
+
+@typechecked
+def test_gates(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, "n_experts n_params"]:
+    """The deterministic test-time gate, z = clamp(σ(log α)·(ζ-γ) + γ, 0, 1).
+
+    Louizos+18's test-time estimator (β = 1), which the official code uses at evaluation too
+    [official: SIE L229-232]. NOTE: with mask_sampling = "official" training used β = 2/3 without
+    noise, so train and test gates differ there (e.g. log α = 1.6: 1.0 in training, 0.898 at test).
+    """
+    return _stretch_and_clamp(torch.sigmoid(log_alpha))
+
+
+@typechecked
+def expected_density(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, " n_experts"]:
+    """Expected L0 norm per expert, as a fraction of P: mean_j P(z_j ≠ 0) [Louizos+18 §4].
+
+    P(z > 0) = 1 - Q(s ≤ 0) = σ(log α - β·log(-γ/ζ)) = σ(log α + 1.5986). It is differentiable in
+    log α, unlike the hard count, so it carries the primal sparsity gradient [official: SIE L245-259].
+    """
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA)).mean(dim=-1)
+
+
+@typechecked
+def hard_sparsity(gates: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, " n_experts"]:
+    """ŝ_m = #(z_m = 0) / P, the quantity the constraint ŝ_m ≥ τ is about [SMAT §3.9]."""
+    return (gates == 0).float().mean(dim=-1)
+
+
+# --- § 3 Sparse interpolated experts [SMAT §3.1, §3.3] --------------------------------------------
+
+
+class ParamLayout:
+    """Where each backbone tensor lives in the flat vector θ of length P.
+
+    SMAT's parameters are flat vectors (θ_pre, δ of length P; log α of shape M×P), so the task model
+    is one line of tensor algebra. `unflatten` turns θ back into named views for
+    torch.func.functional_call — views, so no copy and gradients flow back into θ.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        named = list(module.named_parameters())
+        self.names = [name for name, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.n_params = sum(self.numels)
+
+    def flatten(self, module: nn.Module) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for _, p in module.named_parameters()])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        pieces = torch.split(flat, self.numels)
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def slices(self) -> dict[str, slice]:
+        """name -> slice of the flat vector, for per-layer statistics of masks."""
+        ends = torch.tensor(self.numels).cumsum(0).tolist()
+        return {name: slice(end - n, end) for name, n, end in zip(self.names, self.numels, ends)}
+
+
+@typechecked
+def merge_masks(
+    weights: Float[Tensor, " n_experts"], gates: Float[Tensor, "n_experts n_params"]
+) -> Float[Tensor, " n_params"]:
+    """The task's merged mask Σ_m w_m z_m [SMAT §3.1; official: SIE L335]."""
+    return weights.to(gates.dtype) @ gates
+
+
+@typechecked
+def interpolate(
+    theta_pre: Float[Tensor, " n_params"], delta: Float[Tensor, " n_params"], mask: Float[Tensor, " n_params"]
+) -> Float[Tensor, " n_params"]:
+    """θ_i = θ_pre + mask ⊙ δ [SMAT §3.1; official: SIE L434]. mask = 1 gives the dense update."""
+    return theta_pre + mask * delta
+
+
+# --- § 4 Expert router: a hypernetwork on support prototypes [SMAT §3.4] -------------------------
+
+
+class _SpectralLinear(nn.Linear):
+    """A linear layer whose weight is divided by its exact largest singular value.
+
+    NOTE: the official code uses torch's spectral_norm (one power iteration per forward, with state
+    that changes on every forward). The exact norm is stateless, so runs split across processes, or
+    resumed, see the same router; it costs an SVD of a dim×dim-sized matrix per forward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight / torch.linalg.matrix_norm(self.weight.float(), ord=2).to(self.weight.dtype)
+        return F.linear(x, w, self.bias)
+
+
+class Router(nn.Module):
+    """h_ζ: support prototypes of the frozen model -> merging weights w over the M experts.
+
+    Tokens [P_i ; S] (class prototypes, then learnable skill tokens) go through one pre-LN
+    transformer block; the output at position 0 is the task embedding e_i; expert logits a = K e_i;
+    w = normalise(σ((a + logistic noise) / T_r)) in training, normalise(σ(a / T_r)) at test.
+    """
+
+    def __init__(self, dim: int, cfg: Config) -> None:
+        super().__init__()
+        linear = _SpectralLinear if cfg.router_spectral_norm else nn.Linear
+        hidden = int(dim * cfg.router_mlp_ratio)
+        self.heads = cfg.router_heads
+        self.tokens = nn.Parameter(torch.randn(cfg.router_tokens, dim) * 1e-3)  # S [official: SIE L97]
+        self.keys = nn.Parameter(nn.init.kaiming_normal_(torch.empty(cfg.n_experts, dim)))  # K
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+        self.qkv, self.proj = linear(dim, 3 * dim, bias=False), linear(dim, dim)
+        self.fc1, self.fc2 = linear(dim, hidden), linear(hidden, dim)
+
+    def embed(self, prototypes: Tensor) -> Tensor:
+        x = torch.cat([prototypes, self.tokens.to(prototypes.dtype)])[None]  # 1 × (n_way + 4) × dim
+        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x[0, 0]  # position 0 = the first class's slot, as in the official code (no CLS token)
+
+    @typechecked
+    def forward(
+        self,
+        prototypes: Float[Tensor, "n_way dim"],
+        temperature: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Float[Tensor, " n_experts"], Float[Tensor, " n_experts"]]:
+        """Returns (weights w summing to 1, logits a). A generator means training: noisy gates."""
+        logits = self.keys @ self.embed(prototypes.float())
+        if generator is not None:  # relaxed Bernoulli sample: logistic noise on the logits
+            u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(EPSILON, 1 - EPSILON)
+            scores = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+        else:
+            scores = torch.sigmoid(logits / temperature)
+        # NOTE: independent sigmoids normalised to sum to one, not a softmax [official: SIE L348]
+        return scores / (scores.sum() + 1e-8), logits
+
+
+def router_temperature(cfg: Config, tasks_seen: Tensor) -> Tensor:
+    """T_r = max(end, start - (start - end)·n / anneal_tasks), n = tasks seen [official: SIE L473].
+
+    With the official values (5, 0.5, 18k) this is exactly max(0.5, 5 - n/4000). A tensor, so
+    reading the counter never waits for the device.
+    """
+    slope = (cfg.router_temperature_start - cfg.router_temperature_end) / cfg.router_anneal_tasks
+    return (cfg.router_temperature_start - slope * tasks_seen.float()).clamp(min=cfg.router_temperature_end)
+
+
+# --- § 5 Prototype head and the first-order inner step [SMAT §3.5-3.7] ---------------------------
+
+
+@typechecked
+def class_prototypes(
+    features: Float[Tensor, "n_support dim"], labels: Int[Tensor, " n_support"], n_way: int
+) -> Float[Tensor, "n_way dim"]:
+    """W_c = mean of the support features of class c (ProtoNet)."""
+    one_hot = F.one_hot(labels, n_way).to(features.dtype)  # n_support × n_way
+    return (one_hot.T @ features) / one_hot.sum(0)[:, None]
+
+
+@typechecked
+def cosine_logits(
+    features: Float[Tensor, "n dim"], prototypes: Float[Tensor, "n_way dim"], scale: float
+) -> Float[Tensor, "n n_way"]:
+    """ℓ = scale · cos(f(x), W_c), in float32 [official: common.py sim_func]."""
+    return scale * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+
+
+def inner_step(
+    theta: Tensor, prototypes: Tensor, support_features: Tensor, support_labels: Tensor, cfg: Config
+) -> tuple[Tensor, Tensor]:
+    """One first-order GD step on the support loss, over θ_i and the head W [SMAT §3.6].
+
+    θ' = θ - α·∇_θ L_s and W' = W - α·∇_W L_s with the gradients treated as constants (first order),
+    so ∂θ'/∂θ = I. The head enters L_s detached; afterwards its graph is re-attached
+    (W' + W - sg(W), ProtoMAML's trick) so the query loss still trains the prototype features
+    [official: SIE L484-506].
+    """
+    head = prototypes.detach().requires_grad_()
+    support_loss = F.cross_entropy(cosine_logits(support_features, head, cfg.cosine_scale), support_labels)
+    grad_theta, grad_head = torch.autograd.grad(support_loss, [theta, head], retain_graph=True)
+    return theta - cfg.inner_lr * grad_theta, prototypes - cfg.inner_lr * grad_head
+
+
+# --- § 6 Meta-objective: dense teacher, distillation, sparsity constraint [SMAT §3.8-3.10] -------
+
+
+def dense_teacher(
+    features_of, theta: Tensor, prototypes: Tensor, query_images: Tensor, query_labels: Tensor, cfg: Config
+) -> Tensor:
+    """θ^tr: K steps of plain GD on the query loss from sg(θ'), over all P parameters (dense, no mask).
+
+    Returns the teacher's query logits, detached [SMAT §3.8; official: SIE L643-666].
+    """
+    theta, head = theta.detach(), prototypes.detach()
+    for _ in range(cfg.teacher_steps):
+        theta, head = theta.requires_grad_(), head.requires_grad_()
+        logits = cosine_logits(features_of(theta, query_images), head, cfg.cosine_scale)
+        grads = torch.autograd.grad(F.cross_entropy(logits, query_labels), [theta, head])
+        theta, head = theta.detach() - cfg.teacher_lr * grads[0], head.detach() - cfg.teacher_lr * grads[1]
+    with torch.no_grad():
+        return cosine_logits(features_of(theta, query_images), head, cfg.cosine_scale)
+
+
+@typechecked
+def distillation(
+    student_logits: Float[Tensor, "n_query n_way"],
+    teacher_logits: Float[Tensor, "n_query n_way"],
+    temperature: float,
+    direction: Literal["reverse", "forward"] = "reverse",
+) -> Float[Tensor, ""]:
+    """(T²/2) · KL at temperature T, averaged over queries; gradient only through the student.
+
+    NOTE: the official code computes KL(student ‖ teacher) — the reverse, mode-seeking direction —
+    through F.kl_div with its arguments swapped [official: SIE L678-685]; "forward" is KL(teacher ‖
+    student), the usual knowledge-distillation loss.
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    if direction == "reverse":
+        kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
+    else:
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return temperature**2 / 2 * kl.mean()
+
+
+@typechecked
+def sparsity_penalty(
+    weights: Float[Tensor, " n_experts"],
+    multipliers: Float[Tensor, " n_experts"],
+    density: Float[Tensor, " n_experts"],
+    target_sparsity: float,
+) -> Float[Tensor, ""]:
+    """Primal term of the Lagrangian, Σ_m sg(w_m)·sg(λ_m)·(Ê_m - (1 - τ)) [SMAT §3.9].
+
+    The constraint is ŝ_m ≥ τ for every expert m. This term pushes the expected density Ê_m of each
+    expert the task selects down while its multiplier is positive; the multipliers themselves move by
+    dual ascent in §8.
+    """
+    return (weights.detach() * multipliers.detach() * (density - (1.0 - target_sparsity))).sum()
+
+
+@typechecked
+def dual_ascent(
+    multipliers: Float[Tensor, " n_experts"],
+    violation: Float[Tensor, " n_experts"],
+    sparsity: Float[Tensor, " n_experts"],
+    target_sparsity: float,
+    lr: float,
+) -> Float[Tensor, " n_experts"]:
+    """λ_m ← λ_m + η_λ·mean_i w_im(τ - ŝ_im), then λ_m ← 0 where the constraint ŝ_m ≥ τ holds.
+
+    `violation` is the meta-batch mean of w_m(τ - ŝ_m). Growing λ while an expert is too dense and
+    resetting it once it is sparse enough is what the official code does with SGD on
+    Σ w λ (ŝ - τ) and an in-place reset [official: SIE L695-702]; here it is written out.
+    """
+    updated = multipliers + lr * violation
+    return torch.where(sparsity >= target_sparsity, torch.zeros_like(updated), updated)
+
+
+# --- § 7 The model, one meta-training step, and zero-shot prediction -----------------------------
+
+
+class SMAT(nn.Module):
+    """The frozen backbone as a flat θ_pre, the expert pool (δ, log α), the router, the multipliers."""
+
+    def __init__(self, backbone: nn.Module, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layout = ParamLayout(backbone)
+        self.register_buffer("theta_pre", self.layout.flatten(backbone).float().clone())
+        # The backbone module is kept only as an architecture: its weights live in θ_pre, so it
+        # sits on the "meta" device (no storage) and is never registered (not in the state dict).
+        self.__dict__["architecture"] = backbone.requires_grad_(False).to("meta")
+        self.feature_dim = backbone.feature_dim
+        self.delta = nn.Parameter(torch.zeros(self.layout.n_params))  # δ = 0: θ_i = θ_pre at start
+        if cfg.uses_masks:
+            self.log_alpha = nn.Parameter(torch.randn(cfg.n_experts, self.layout.n_params) * cfg.mask_init_std)
+            self.router = Router(self.feature_dim, cfg)
+        self.register_buffer("multipliers", torch.zeros(cfg.n_experts))  # λ, saved unlike HEAD
+        self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))  # drives T_r
+
+    def features(self, theta: Tensor, images: Tensor) -> Tensor:
+        """f_θ(x): the backbone's CLS feature with its weights taken from the flat vector θ."""
+        return functional_call(self.architecture, self.layout.unflatten(theta), (images,))
+
+    def task_parameters(
+        self, pre_prototypes: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """θ_i from the router and the experts: returns (θ_i, w, router logits a, gates z or None)."""
+        if not self.cfg.uses_masks:  # PMF: one dense expert, θ_i = θ_pre + δ
+            ones = torch.ones(1, device=self.delta.device)
+            return self.theta_pre + self.delta, ones, ones * 0, None
+        weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
+        if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
+            gates = test_gates(self.log_alpha)
+        elif self.cfg.mask_sampling == "stochastic":
+            gates = sample_gates(self.log_alpha, generator)
+        else:
+            gates = official_train_gates(self.log_alpha)
+        return interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights, logits, gates
+
+
+@dataclass
+class StepOutput:
+    """What one meta-training task returns: the loss to back-propagate and detached diagnostics."""
+
+    loss: Tensor  # scalar, with graph
+    terms: dict[str, Tensor]  # detached scalars: ce, distill, sparsity, router_penalty, accuracies ...
+    weights: Tensor  # w, n_experts
+    hard_sparsity: Tensor  # ŝ, n_experts (zeros for PMF)
+    violation: Tensor  # w ⊙ (τ - ŝ), n_experts: this task's contribution to dual ascent
+
+
+@typechecked
+def meta_train_step(
+    model: SMAT,
+    support_images: Float[Tensor, "n_support channels height width"],
+    support_labels: Int[Tensor, " n_support"],
+    query_images: Float[Tensor, "n_query channels height width"],
+    query_labels: Int[Tensor, " n_query"],
+    n_way: int,
+    generator: torch.Generator,
+) -> StepOutput:
+    """One meta-training task: the SMAT loss L_i of [SMAT §3.10], ready for backward.
+
+    `generator` draws every random number of the task (router noise, gate samples), so a task is a
+    pure function of its data and its seed: resumed and multi-process runs repeat it exactly.
+    """
+    cfg, n_support = model.cfg, len(support_labels)
+    # 1) The frozen model, once over support ∪ query: its support prototypes feed the router, its
+    #    query logits the extra KL [SMAT §3.4, §3.8].
+    with torch.no_grad():
+        pre = model.features(model.theta_pre, torch.cat([support_images, query_images]))
+        pre_prototypes = class_prototypes(pre[:n_support], support_labels, n_way)
+        pre_logits = cosine_logits(pre[n_support:], pre_prototypes, cfg.cosine_scale)
+    # 2) Router -> merging weights w; sampled gates z; task model θ_i = θ_pre + (Σ w_m z_m) ⊙ δ.
+    theta, weights, router_logits, gates = model.task_parameters(pre_prototypes, generator)
+    # 3) Prototype head from θ_i, then one first-order GD step on the support set.
+    support_features = model.features(theta, support_images)
+    prototypes = class_prototypes(support_features, support_labels, n_way)
+    if cfg.inner_step:
+        theta, prototypes = inner_step(theta, prototypes, support_features, support_labels, cfg)
+    # 4) Student query loss.
+    query_logits = cosine_logits(model.features(theta, query_images), prototypes, cfg.cosine_scale)
+    ce = F.cross_entropy(query_logits, query_labels)
+    loss, terms = ce, {"ce": ce.detach()}
+    # 5) Dense teacher and distillation: L = (1-κ)·CE + κ·KD.
+    if cfg.teacher:
+        teacher_logits = dense_teacher(model.features, theta, prototypes, query_images, query_labels, cfg)
+        distill = distillation(query_logits, teacher_logits, cfg.distill_temperature, cfg.distill_direction)
+        if cfg.kl_to_pretrained:
+            distill = distill + distillation(query_logits, pre_logits, cfg.distill_temperature, cfg.distill_direction)
+        loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * distill
+        terms |= {"distill": distill.detach(), "teacher_accuracy": _accuracy(teacher_logits, query_labels)}
+    # 6) Lagrangian sparsity constraint, weighted by this task's w, and the router-logit penalty.
+    sparsity = torch.zeros(cfg.n_experts, device=theta.device)
+    if gates is not None:
+        sparsity = hard_sparsity(gates.detach())
+        penalty = sparsity_penalty(weights, model.multipliers, expected_density(model.log_alpha), cfg.sparsity)
+        router_penalty = cfg.router_logit_penalty * router_logits.pow(2).mean()
+        loss = loss + penalty + router_penalty
+        terms |= {"sparsity_penalty": penalty.detach(), "router_penalty": router_penalty.detach()}
+    terms |= {"loss": loss.detach(), "accuracy": _accuracy(query_logits, query_labels),
+              "pretrained_accuracy": _accuracy(pre_logits, query_labels)}
+    violation = weights.detach() * (cfg.sparsity - sparsity) if gates is not None else sparsity
+    return StepOutput(loss, terms, weights.detach(), sparsity, violation)
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+@dataclass
+class Prediction:
+    logits: Tensor  # n_query × n_way
+    weights: Tensor  # the router's merging weights for this task, n_experts
+
+
+@typechecked
+@torch.no_grad()
+def predict(
+    model: SMAT,
+    support_images: Float[Tensor, "n_support channels height width"],
+    support_labels: Int[Tensor, " n_support"],
+    query_images: Float[Tensor, "n_query channels height width"],
+    n_way: int,
+    pretrained: bool = False,
+) -> Prediction:
+    """Zero-shot meta-testing [SMAT §5.1]: router (deterministic) -> test gates -> θ_i -> ProtoNet.
+
+    No inner step, no teacher. `pretrained=True` is the "Pre" baseline: ProtoNet on θ_pre itself.
+    """
+    n_support = len(support_labels)
+    if pretrained:
+        theta, weights = model.theta_pre, torch.zeros(model.cfg.n_experts, device=support_images.device)
+    else:
+        pre_support = model.features(model.theta_pre, support_images) if model.cfg.uses_masks else None
+        pre_prototypes = class_prototypes(pre_support, support_labels, n_way) if pre_support is not None else None
+        theta, weights, _, _ = model.task_parameters(pre_prototypes)
+    features = model.features(theta, torch.cat([support_images, query_images]))
+    prototypes = class_prototypes(features[:n_support], support_labels, n_way)
+    return Prediction(cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale), weights)
+
+
+# --- § 8 Meta-update: optimisers, clipping, dual ascent [SMAT §3.9, §3.11] -----------------------
+
+
+class MetaOptimizer:
+    """The official optimiser set-up [official: SIE L737-760, trainer L119-122, L333-344].
+
+    SGD (momentum 0.9, weight decay) on δ; plain SGD with a huge learning rate and grad-norm clip on
+    log α, then the clamp to ±log 100 (so log α jumps between bounds and masks become quasi-binary);
+    AdamW with clip 1 on the router; explicit dual ascent on λ. `lr_scale` is the schedule's factor
+    and multiplies every group, λ's included.
+    """
+
+    def __init__(self, model: SMAT) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.delta = torch.optim.SGD(
+            [model.delta], lr=cfg.delta_lr, momentum=cfg.delta_momentum, weight_decay=cfg.delta_weight_decay
+        )
+        self.optimizers = {"delta": self.delta}
+        if cfg.uses_masks:
+            self.optimizers["mask"] = torch.optim.SGD([model.log_alpha], lr=cfg.mask_lr)
+            self.optimizers["router"] = torch.optim.AdamW(
+                model.router.parameters(), lr=cfg.router_lr, weight_decay=cfg.router_weight_decay
+            )
+        self.base_lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    def step(self, lr_scale: float, violation: Tensor, sparsity: Tensor, scaler=None) -> None:
+        """Apply the accumulated gradients; `violation`, `sparsity`: meta-batch means, n_experts."""
+        model, cfg = self.model, self.model.cfg
+        for name, opt in self.optimizers.items():
+            opt.param_groups[0]["lr"] = self.base_lr[name] * lr_scale
+            if scaler is not None:
+                scaler.unscale_(opt)
+        if cfg.uses_masks:
+            nn.utils.clip_grad_norm_([model.log_alpha], cfg.mask_clip)
+            nn.utils.clip_grad_norm_(model.router.parameters(), cfg.router_clip)
+        for opt in self.optimizers.values():
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        if cfg.uses_masks:
+            with torch.no_grad():
+                model.log_alpha.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
+                model.multipliers.copy_(
+                    dual_ascent(model.multipliers, violation, sparsity, cfg.sparsity, cfg.multiplier_lr * lr_scale)
+                )
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])

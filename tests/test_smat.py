@@ -1,0 +1,437 @@
+"""The SMAT method core (smat.py): each part pinned against a closed form, an oracle or a property."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import smat
+from smat import Config, SMAT
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+class TinyBackbone(nn.Module):
+    """A two-layer feature extractor on 3×8×8 images: fast, and enough to exercise the method."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.feature_dim = dim
+        self.fc1 = nn.Linear(3 * 8 * 8, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.norm(self.fc1(images.flatten(1)))))
+
+
+def make_model(seed: int = 0, **overrides) -> SMAT:
+    torch.manual_seed(seed)
+    cfg = Config.pmf(**overrides) if overrides.pop("pmf", False) else Config(**{"n_experts": 4, **overrides})
+    return SMAT(TinyBackbone(), cfg)
+
+
+def make_episode(seed: int, n_way: int = 5, shots: int = 2, queries: int = 3):
+    """A learnable synthetic episode: each class is a random template plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(n_way, 3, 8, 8, generator=g)
+
+    def draw(per_class):
+        labels = torch.arange(n_way).repeat(per_class)
+        return templates[labels] + 0.8 * torch.randn(len(labels), 3, 8, 8, generator=g), labels
+
+    (xs, ys), (xq, yq) = draw(shots), draw(queries)
+    return xs, ys, xq, yq, n_way
+
+
+# --- § 2 hard-concrete gates ---------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 6.0))
+def test_sampled_gates_lie_in_the_unit_interval(seed, scale):
+    log_alpha = torch.randn(3, 500, generator=torch.Generator().manual_seed(seed)) * scale
+
+    z = smat.sample_gates(log_alpha, torch.Generator().manual_seed(seed))
+
+    assert z.min() >= 0 and z.max() <= 1
+
+
+def test_sampling_with_moderate_log_alpha_gives_exact_zeros_and_exact_ones():
+    z = smat.sample_gates(torch.zeros(1, 10_000), torch.Generator().manual_seed(0))
+
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(value=st.floats(-6.0, 6.0))
+def test_test_gate_equals_the_closed_form(value):
+    expected = min(1.0, max(0.0, 1.2 / (1 + math.exp(-value)) - 0.1))
+
+    z = smat.test_gates(torch.full((1, 1), value, dtype=torch.float64))
+
+    assert z.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_official_train_gate_is_noise_free_with_beta_two_thirds():
+    log_alpha = torch.tensor([[1.6, -1.6, 0.0]])
+
+    train, test = smat.official_train_gates(log_alpha), smat.test_gates(log_alpha)
+
+    assert train[0, 0] == 1.0 and train[0, 1] == 0.0  # the spec's numbers: 1.0 / 0.898 and 0 / 0.102
+    assert test[0, 0].item() == pytest.approx(0.898, abs=1e-3) and test[0, 1].item() == pytest.approx(0.102, abs=1e-3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(value=st.floats(-3.0, 3.0))
+def test_expected_density_matches_the_monte_carlo_frequency_of_nonzero_gates(value):
+    log_alpha = torch.full((1, 200_000), value)
+
+    frequency = (smat.sample_gates(log_alpha, torch.Generator().manual_seed(1)) > 0).float().mean()
+
+    assert smat.expected_density(log_alpha).item() == pytest.approx(frequency.item(), abs=5e-3)
+
+
+def test_expected_density_increases_with_log_alpha():
+    density = smat.expected_density(torch.linspace(-5, 5, 50)[:, None])
+
+    assert (density.diff() > 0).all()
+
+
+# --- § 3 sparse interpolated experts -------------------------------------------------------------
+
+
+def random_pool(seed: int, n_experts: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    model = make_model(seed, n_experts=n_experts)
+    delta = torch.randn(model.layout.n_params, generator=g)
+    gates = (torch.rand(n_experts, model.layout.n_params, generator=g) > 0.5).float()
+    weights = torch.rand(n_experts, generator=g)
+    return model, delta, gates, weights / weights.sum()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_zero_delta_gives_the_pretrained_weights_for_any_masks_and_weights(seed):
+    model, delta, gates, weights = random_pool(seed)
+
+    theta = smat.interpolate(model.theta_pre, torch.zeros_like(delta), smat.merge_masks(weights, gates))
+
+    assert torch.equal(theta, model.theta_pre)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), expert=st.integers(0, 2))
+def test_one_hot_weights_with_all_one_masks_give_pretrained_plus_delta(seed, expert):
+    model, delta, gates, _ = random_pool(seed)
+    gates[expert] = 1.0
+
+    theta = smat.interpolate(model.theta_pre, delta, smat.merge_masks(F.one_hot(torch.tensor(expert), 3).float(), gates))
+
+    torch.testing.assert_close(theta, model.theta_pre + delta)
+
+
+def test_all_zero_masks_give_the_pretrained_weights():
+    model, delta, _, weights = random_pool(0)
+
+    theta = smat.interpolate(model.theta_pre, delta, smat.merge_masks(weights, torch.zeros(3, len(delta))))
+
+    assert torch.equal(theta, model.theta_pre)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), a=st.floats(-2, 2), b=st.floats(-2, 2))
+def test_the_update_is_linear_in_the_merging_weights(seed, a, b):
+    model, delta, gates, w1 = random_pool(seed)
+    w2 = torch.rand(3)
+
+    def update(w):
+        return smat.interpolate(model.theta_pre, delta, smat.merge_masks(w, gates)) - model.theta_pre
+
+    torch.testing.assert_close(update(a * w1 + b * w2), a * update(w1) + b * update(w2), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_interpolation_equals_a_slow_loop_over_experts_and_parameter_tensors(seed):
+    model, delta, gates, weights = random_pool(seed)
+    backbone = TinyBackbone()
+    torch.manual_seed(seed)
+    deltas = model.layout.unflatten(delta)
+    masks = [model.layout.unflatten(gates[m]) for m in range(3)]
+
+    theta = model.layout.unflatten(smat.interpolate(model.theta_pre, delta, smat.merge_masks(weights, gates)))
+
+    for name, pre in zip(model.layout.names, model.layout.unflatten(model.theta_pre).values()):
+        expected = pre.clone()
+        for m in range(3):  # θ[k] = θ_pre[k] + Σ_m w_m z_m[k] ⊙ δ[k], one tensor and one expert at a time
+            expected = expected + weights[m] * masks[m][name] * deltas[name]
+        torch.testing.assert_close(theta[name], expected)
+    assert list(theta) == [name for name, _ in backbone.named_parameters()]
+
+
+def test_features_through_the_flat_vector_equal_the_original_backbone():
+    torch.manual_seed(3)
+    backbone = TinyBackbone()
+    images = torch.randn(4, 3, 8, 8)
+    expected = backbone(images)
+
+    model = SMAT(backbone, Config(n_experts=2))
+
+    torch.testing.assert_close(model.features(model.theta_pre, images), expected)
+
+
+# --- § 4 router ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), n_way=st.integers(2, 9), sample=st.booleans())
+def test_router_weights_are_nonnegative_and_sum_to_one(seed, n_way, sample):
+    model = make_model(seed)
+    generator = torch.Generator().manual_seed(seed) if sample else None
+
+    weights, logits = model.router(torch.randn(n_way, 16), torch.tensor(0.5), generator)
+
+    assert (weights >= 0).all() and weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert logits.shape == (4,)
+
+
+def test_router_temperature_follows_the_official_schedule():
+    cfg = Config()
+    for n in [0, 2_000, 10_000, 18_000, 40_000]:
+        temperature = smat.router_temperature(cfg, torch.tensor(n))
+
+        assert temperature.item() == pytest.approx(max(0.5, 5 - n / 4000))
+
+
+def test_spectral_linear_layers_have_unit_spectral_norm():
+    model = make_model(0)
+
+    layer = model.router.qkv
+    effective = layer.weight / torch.linalg.matrix_norm(layer.weight, ord=2)
+
+    assert torch.linalg.matrix_norm(effective, ord=2).item() == pytest.approx(1.0, abs=1e-5)
+
+
+# --- § 5 prototypes, cosine head and the inner step ----------------------------------------------
+
+
+def test_prototypes_are_class_means():
+    features, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    prototypes = smat.class_prototypes(features, labels, 3)
+
+    torch.testing.assert_close(prototypes[1], features[[1, 4]].mean(0))
+
+
+def test_inner_step_equals_manual_sgd_on_a_linear_model():
+    torch.manual_seed(0)
+    cfg = Config(inner_lr=0.1)
+    linear = nn.Linear(5, 4)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    theta = torch.cat([linear.weight.reshape(-1), linear.bias]).requires_grad_()
+
+    def features(t):
+        return F.linear(x, t[:20].view(4, 5), t[20:])
+
+    prototypes = smat.class_prototypes(features(theta), y, 3)
+    new_theta, new_prototypes = smat.inner_step(theta, prototypes, features(theta), y, cfg)
+
+    reference = nn.Linear(5, 4)
+    reference.load_state_dict(linear.state_dict())
+    head = nn.Parameter(prototypes.detach().clone())
+    loss = F.cross_entropy(smat.cosine_logits(reference(x), head, cfg.cosine_scale), y)
+    optimizer = torch.optim.SGD([*reference.parameters(), head], lr=0.1)
+    loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(new_theta, torch.cat([reference.weight.reshape(-1), reference.bias]))
+    torch.testing.assert_close(new_prototypes, head.detach())
+
+
+def test_adapted_prototypes_keep_the_gradient_path_to_the_support_features():
+    torch.manual_seed(0)
+    theta = torch.randn(24, requires_grad=True)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    features = x @ theta.view(4, 6)
+
+    _, prototypes = smat.inner_step(theta, smat.class_prototypes(features, y, 3), features, y, Config())
+    (grad,) = torch.autograd.grad(prototypes.sum(), theta)
+
+    assert grad.abs().sum() > 0
+
+
+# --- § 6 teacher, distillation and the sparsity constraint ---------------------------------------
+
+
+def test_a_small_step_teacher_lowers_the_query_loss():
+    model = make_model(0, teacher_lr=0.05, teacher_steps=3)
+    xs, ys, xq, yq, n_way = make_episode(0)
+    theta = model.theta_pre.clone()
+    prototypes = smat.class_prototypes(model.features(theta, xs), ys, n_way)
+    before = F.cross_entropy(smat.cosine_logits(model.features(theta, xq), prototypes, 10.0), yq)
+
+    teacher_logits = smat.dense_teacher(model.features, theta, prototypes, xq, yq, model.cfg)
+
+    assert F.cross_entropy(teacher_logits, yq) < before
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_distillation_is_zero_when_student_and_teacher_agree(direction):
+    logits = torch.randn(7, 5)
+
+    assert smat.distillation(logits, logits.clone(), 2.0, direction).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reverse_distillation_is_kl_of_student_to_teacher():
+    student, teacher = torch.randn(3, 4), torch.randn(3, 4)
+    p, q = F.softmax(student / 2, -1), F.softmax(teacher / 2, -1)
+
+    value = smat.distillation(student, teacher, 2.0, "reverse")
+
+    torch.testing.assert_close(value, 2.0 * (p * (p / q).log()).sum(-1).mean())
+
+
+def test_a_multiplier_grows_while_its_expert_is_too_dense_and_resets_once_sparse_enough():
+    multipliers = torch.tensor([0.5, 0.5])
+    sparsity = torch.tensor([0.2, 0.95])  # expert 0 violates ŝ ≥ 0.9, expert 1 satisfies it
+    weights = torch.tensor([0.6, 0.4])
+
+    updated = smat.dual_ascent(multipliers, weights * (0.9 - sparsity), sparsity, 0.9, lr=0.1)
+
+    assert updated[0] > multipliers[0] and updated[1] == 0.0
+
+
+def test_the_primal_sparsity_term_pushes_expected_density_down():
+    log_alpha = torch.zeros(2, 100, requires_grad=True)
+    multipliers, weights = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5])
+
+    smat.sparsity_penalty(weights, multipliers, smat.expected_density(log_alpha), 0.9).backward()
+    with torch.no_grad():
+        stepped = log_alpha - 100.0 * log_alpha.grad
+
+    assert (smat.expected_density(stepped) < smat.expected_density(log_alpha.detach())).all()
+
+
+# --- § 7 the step: which parameters learn, and end to end ---------------------------------------
+
+
+def test_exactly_the_trainable_tensors_receive_gradients_and_the_backbone_none():
+    model = make_model(0)
+    with torch.no_grad():  # leave the δ = 0, λ = 0 start so every path carries a signal
+        model.delta.normal_()
+        model.multipliers.fill_(1.0)
+    xs, ys, xq, yq, n_way = make_episode(0)
+
+    smat.meta_train_step(model, xs, ys, xq, yq, n_way, torch.Generator().manual_seed(0)).loss.backward()
+
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    router = {f"router.{name}" for name, _ in model.router.named_parameters()}
+    assert with_grad == {"delta", "log_alpha"} | router
+    assert not model.theta_pre.requires_grad and "theta_pre" not in dict(model.named_parameters())
+
+
+def test_delta_gets_no_gradient_where_the_merged_mask_is_zero():
+    model = make_model(0, inner_step=False, teacher=False, mask_sampling="official")
+    with torch.no_grad():  # noise-free gates: log α at the lower bound is exactly off
+        model.delta.normal_()
+        model.log_alpha[:, ::2] = -model.cfg.log_alpha_bound  # every expert off on even positions
+    xs, ys, xq, yq, n_way = make_episode(0)
+
+    smat.meta_train_step(model, xs, ys, xq, yq, n_way, torch.Generator().manual_seed(0)).loss.backward()
+
+    assert model.delta.grad[::2].abs().max() == 0 and model.delta.grad[1::2].abs().sum() > 0
+
+
+def test_pmf_trains_only_the_dense_delta():
+    model = make_model(0, pmf=True)
+    xs, ys, xq, yq, n_way = make_episode(0)
+
+    smat.meta_train_step(model, xs, ys, xq, yq, n_way, torch.Generator().manual_seed(0)).loss.backward()
+
+    assert [name for name, _ in model.named_parameters()] == ["delta"] and model.delta.grad.abs().sum() > 0
+
+
+def test_a_task_is_a_pure_function_of_its_data_and_seed():
+    xs, ys, xq, yq, n_way = make_episode(0)
+    model = make_model(0)
+
+    first = smat.meta_train_step(model, xs, ys, xq, yq, n_way, torch.Generator().manual_seed(7))
+    second = smat.meta_train_step(model, xs, ys, xq, yq, n_way, torch.Generator().manual_seed(7))
+
+    assert torch.equal(first.loss, second.loss) and torch.equal(first.weights, second.weights)
+
+
+def test_pretrained_prediction_is_a_plain_protonet_on_the_frozen_backbone():
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    xs, ys, xq, _, n_way = make_episode(1)
+    prototypes = smat.class_prototypes(backbone(xs), ys, n_way)
+    expected = smat.cosine_logits(backbone(xq), prototypes, 10.0)
+
+    prediction = smat.predict(SMAT(backbone, Config(n_experts=2)), xs, ys, xq, n_way, pretrained=True)
+
+    torch.testing.assert_close(prediction.logits, expected)
+
+
+def test_a_fresh_model_predicts_like_the_pretrained_backbone():
+    model = make_model(0)
+    xs, ys, xq, _, n_way = make_episode(2)
+
+    zero_shot, pre = smat.predict(model, xs, ys, xq, n_way), smat.predict(model, xs, ys, xq, n_way, pretrained=True)
+
+    torch.testing.assert_close(zero_shot.logits, pre.logits)  # δ = 0 at initialisation [SMAT §3.3]
+
+
+def test_a_few_hundred_steps_lower_the_query_loss_and_move_sparsity_towards_the_target():
+    model = make_model(0, sparsity=0.6, mask_lr=20.0, multiplier_lr=1.0, delta_lr=0.05,
+                       router_anneal_tasks=400)
+    optimizer = smat.MetaOptimizer(model)
+
+    def run(steps: int, start: int):
+        losses, sparsities = [], []
+        for step in range(start, start + steps):
+            outputs = []
+            for task in range(model.cfg.meta_batch):
+                seed = 4 * step + task
+                out = smat.meta_train_step(model, *make_episode(seed), torch.Generator().manual_seed(seed))
+                (out.loss / model.cfg.meta_batch).backward()
+                outputs.append(out)
+            model.tasks_seen += model.cfg.meta_batch
+            violation = torch.stack([o.violation for o in outputs]).mean(0)
+            sparsity = torch.stack([o.hard_sparsity for o in outputs]).mean(0)
+            optimizer.step(1.0, violation, sparsity)
+            losses.append(torch.stack([o.terms["ce"] for o in outputs]).mean())
+            sparsities.append(sparsity)
+        return torch.stack(losses).mean(), torch.stack(sparsities).mean(0)
+
+    loss_before, sparsity_before = run(10, 0)
+    run(80, 10)
+    loss_after, sparsity_after = run(10, 90)
+
+    assert loss_after < 0.8 * loss_before
+    assert (sparsity_after - 0.6).abs().mean() < (sparsity_before - 0.6).abs().mean()
+
+
+# --- § 1 and § 8 configuration and meta-update ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, name", [({"sparsity": 1.0}, "sparsity"), ({"n_experts": 0}, "experts"), ({"episodes": 0}, "episodes")]
+)
+def test_out_of_range_configuration_names_the_field_and_the_valid_range(overrides, name):
+    with pytest.raises(smat.ConfigError, match=rf"^{name} = .* it must be"):
+        Config(**overrides)
+
+
+def test_meta_update_clamps_log_alpha_to_its_bounds():
+    model = make_model(0)
+    model.log_alpha.grad = torch.randn_like(model.log_alpha)
+    model.delta.grad = torch.zeros_like(model.delta)
+
+    smat.MetaOptimizer(model).step(1.0, torch.zeros(4), torch.zeros(4))
+
+    assert model.log_alpha.abs().max().item() == pytest.approx(model.cfg.log_alpha_bound)
