@@ -104,9 +104,14 @@ class Config:
     test_ways: int = 5
     test_shots: int = 5
     test_queries: int = 15
-    val_every: int = 500  # episodes between validations
+    val_every: int = 500  # episodes between validations (best-on-validation model kept)
+    checkpoint_every: int = 100  # episodes between resumable checkpoints
     val_episodes: int = 60  # per ID domain
     test_episodes: int = 600  # per domain [official: nTestEpisode]
+    pretrain_epochs: int = 12  # supervised pretraining of the tiny stand-in for DINO (CPU profile only)
+    pretrain_batch_size: int = 256
+    pretrain_lr: float = 2e-3
+    pretrain_weight_decay: float = 0.05
     seed: int = 0
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs in fp32
 
@@ -128,6 +133,8 @@ class Config:
             (min(self.train_queries, self.test_queries) >= 1, "queries", min(self.train_queries, self.test_queries), ">= 1"),
             (self.val_episodes >= 2, "val_episodes", self.val_episodes, "an integer >= 2"),
             (self.test_episodes >= 2, "test_episodes", self.test_episodes, "an integer >= 2"),
+            (self.val_every >= 1 and self.checkpoint_every >= 1, "val_every/checkpoint_every",
+             min(self.val_every, self.checkpoint_every), "an integer >= 1"),
         ]
         for holds, name, value, valid in checks:
             if not holds:
@@ -141,8 +148,7 @@ class Config:
     @classmethod
     def pmf(cls, **overrides) -> "Config":
         """Dense ProtoNet meta-tuning (P>M>F, Hu et al. CVPR 2022): one dense expert, prototypes, CE."""
-        off = dict(method="pmf", n_experts=1, teacher=False, kl_to_pretrained=False, inner_step=False)
-        return cls(**{**off, **overrides})
+        return cls(**{**PMF_SWITCHES, **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> "Config":
@@ -156,6 +162,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# PMF is SMAT with these parts switched off: one dense expert, no masks or router, no inner step, no
+# teacher, no sparsity constraint.
+PMF_SWITCHES = dict(method="pmf", n_experts=1, teacher=False, kl_to_pretrained=False, inner_step=False)
 
 
 # --- § 2 Hard-concrete gates [Louizos, Welling & Kingma, ICLR 2018, §4] -------------------------
