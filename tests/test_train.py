@@ -1,0 +1,155 @@
+"""train.py: the run directory, resume, multi-process equivalence, PMF, failure behaviour, bad flags."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import backbone as backbones
+import train
+from smat import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Two small image-folder domains (one ID, one OOD; 30 classes of 20 images, enough for the default
+    5-way 5-shot 15-query test episodes) and a small random ViT saved as a backbone file."""
+    base = tmp_path_factory.mktemp("assets")
+    rng = np.random.default_rng(0)
+    for domain in ("alpha", "beta"):
+        for c in range(30):
+            folder = base / domain / f"class{c}"
+            folder.mkdir(parents=True)
+            colour = rng.integers(0, 256, 3)
+            for i in range(20):
+                image = np.clip(colour + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    vit = backbones.VisionTransformer(backbones.ViTSpec(patch_size=8, dim=16, depth=1, heads=2, grid_size=2))
+    backbones.save_backbone(vit, base / "vit.pt", {"note": "random test backbone"})
+    return base
+
+
+def data_flag(assets: Path) -> str:
+    return f"folder:{assets / 'alpha'}@id,folder:{assets / 'beta'}@ood"
+
+
+def small_config(assets: Path, **overrides) -> Config:
+    values = dict(data=data_flag(assets), backbone=str(assets / "vit.pt"),
+                  image_size=16, n_experts=2, episodes=8, meta_batch=2, train_ways=3, train_shots=2,
+                  train_queries=2, test_ways=3, test_shots=2, test_queries=2, val_every=4, val_episodes=2,
+                  test_episodes=3, checkpoint_every=2, delta_lr=0.01, mask_lr=10.0)
+    return Config(**{**values, **overrides})
+
+
+def parameters(run: Path, name: str = "checkpoint.pt") -> dict:
+    return torch.load(run / name, weights_only=True)["model"]
+
+
+def test_a_run_directory_holds_config_metrics_checkpoints_and_results(assets, tmp_path):
+    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache")
+
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
+                                               "results.json", "results.md"}
+    assert json.loads((run / "config.json").read_text())["n_experts"] == 2
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["episode"] == 8
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("sparsity_mean" in line for line in lines) and any("val_accuracy" in line for line in lines)
+    assert set(json.loads((run / "results.json").read_text())["domains"]) == {"alpha", "beta"}
+
+
+def test_resuming_an_interrupted_run_reaches_the_same_parameters(assets, tmp_path):
+    cfg = small_config(assets)
+    whole = train.meta_train(cfg, tmp_path / "whole", device="cpu", evaluate_at_end=False)
+
+    part = train.meta_train(cfg, tmp_path / "part", device="cpu", evaluate_at_end=False, stop_after=4)
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["episode"] == 4
+    train.meta_train(cfg, part, device="cpu", resume=True, evaluate_at_end=False)
+
+    for name, tensor in parameters(whole).items():
+        torch.testing.assert_close(parameters(part)[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_pmf_trains_its_dense_delta_through_the_same_loop(assets, tmp_path):
+    cfg = Config.pmf(**{k: v for k, v in dataclasses.asdict(small_config(assets)).items()
+                        if k not in ("method", "n_experts", "teacher", "kl_to_pretrained", "inner_step")})
+
+    run = train.meta_train(cfg, tmp_path / "pmf", device="cpu", evaluate_at_end=False)
+
+    state = parameters(run)
+    assert "log_alpha" not in state and state["delta"].abs().sum() > 0
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_term_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch):
+    calls, real_step = [], train.smat.meta_train_step
+
+    def poisoned_step(*args, **kwargs):  # from the 5th task on, the query loss is NaN
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > 4:
+            out.loss, out.terms["ce"] = out.loss * float("nan"), out.terms["ce"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train.smat, "meta_train_step", poisoned_step)
+
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite ce at step 2 "):
+        train.meta_train(small_config(assets), tmp_path / "nan", device="cpu", evaluate_at_end=False)
+
+    checkpoint = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["episode"] == 4 and torch.isfinite(checkpoint["model"]["delta"]).all()
+
+
+def test_two_gloo_processes_reach_the_parameters_of_one_process(assets, tmp_path):
+    flags = ["train.py", "--data", data_flag(assets), "--backbone", str(assets / "vit.pt"), "--episodes", "4",
+             "--experts", "2", "--no-evaluate", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    for name, launcher in [("one", [sys.executable]), ("two", torchrun)]:
+        result = subprocess.run([*launcher, *flags, "--out", str(tmp_path / name)], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    for key, tensor in parameters(tmp_path / "one").items():
+        torch.testing.assert_close(parameters(tmp_path / "two")[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--experts", "2", "--test-episodes", "2",
+                                            "--out", str(tmp_path / "cli"), "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert results["domains"]["beta"]["split"] == "ood" and results["domains"]["alpha"]["episodes"] == 2
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sparsity", "1.5"], "sparsity"),
+    (["--experts", "0"], "experts"),
+    (["--episodes", "0"], "episodes"),
+    (["--method", "maml"], "method"),
+    (["--data", "nowhere:x"], "data source"),
+    (["--data", "folder:/does/not/exist"], "/does/not/exist"),
+    (["--backbone", "resnet"], "backbone"),
+    (["--resume", "/tmp"], "not a run directory"),
+    (["--mask-sampling", "sometimes"], "mask_sampling"),
+    (["--test-episodes", "1"], "test_episodes"),
+])
+def test_bad_flags_exit_with_code_2_and_one_line(flags, words, tmp_path):
+    result = CliRunner().invoke(train.app, [*flags, "--out", str(tmp_path / "never")])
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "never").exists()

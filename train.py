@@ -1,0 +1,504 @@
+"""Meta-train SMAT (or the dense PMF baseline): `python train.py --sparsity 0.9 --experts 8`.
+
+With no other flag this uses the embedded procedural benchmark and the tiny ViT (pretrained on the
+ID domains on first use and cached), meta-trains on CPU or GPU, validates on ID validation classes
+(keeping the best model), and ends with the ID/OOD test table. Read top to bottom: the run
+directory and checkpoints, the backbone, the learning-rate schedule, then `meta_train` (the loop),
+then the command line. `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N
+processes. The method itself lives in smat.py; this file owns optimisers, devices and time.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import backbone as backbones
+import data
+import evaluate
+import smat
+from smat import SMAT, Config
+
+CHECKPOINT_FORMAT = "smat-run/1"
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message is one line."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced inf/nan; the message names the loss term and the step."""
+
+
+# --- run directory and checkpoints -----------------------------------------------------------------
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a reader (or a resumed run)
+    sees the old file or the new one, never half of one, whenever the process is killed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain data only, never code."""
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; a run directory holds checkpoint.pt (or best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, foreign pickle, anything torch refuses
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise RunError(f"{path} is not a readable checkpoint ({first}); expected a file written by train.py")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a SMAT run checkpoint; expected format {CHECKPOINT_FORMAT!r}")
+    return state
+
+
+def config_from_dict(values: dict) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RunError(f"unknown configuration keys {unknown[:5]}; valid keys are the fields of smat.Config")
+    return Config(**values)
+
+
+def build_model(cfg: Config, backbone_spec: dict, backbone_state: dict | None = None) -> SMAT:
+    """The SMAT module for `cfg` on a ViT of `backbone_spec`; θ_pre from `backbone_state` if given."""
+    vit = backbones.VisionTransformer(backbones.ViTSpec(**backbone_spec))
+    if backbone_state is not None:
+        vit.load_state_dict(backbone_state)
+    return SMAT(vit, cfg)
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["best", "last"] = "best"):
+    """(model, config, checkpoint) of a run: best.pt if present (and asked for), else checkpoint.pt."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise RunError(f"{run_dir} is not a run directory; it must contain config.json (made by train.py)")
+    path = run_dir / "best.pt" if which == "best" and (run_dir / "best.pt").is_file() else run_dir / "checkpoint.pt"
+    state = read_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg, state["backbone_spec"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise RunError(f"{path} does not match its configuration ({str(error).splitlines()[0][:120]})")
+    return model.to(device), cfg, state
+
+
+# --- backbone: a pretrained stand-in for DINO, or DINO itself --------------------------------------
+
+
+def resolve_backbone(cfg: Config, sources: list, cache_dir: Path, device: torch.device, console: Console):
+    """The frozen θ_pre, from `--backbone`:
+
+    - a preset name ("tiny"): pretrained supervised on the ID domains' train classes on first use and
+      cached (DESIGN §4); the stand-in for DINO on the embedded benchmark;
+    - "vit_small_patch16" / "vit_base_patch16": the official DINO weights (download), or
+      "vit_small_patch16:PATH" for a local copy of them;
+    - a path to a file written by backbone.save_backbone (e.g. a cached pretrained tiny ViT).
+    """
+    name, _, weights = cfg.backbone.partition(":")
+    if name in backbones.PRESETS and name.startswith("vit_"):
+        model = backbones.build_backbone(name)
+        backbones.load_dino_weights(model, weights or "dino")
+        return model
+    if name in backbones.PRESETS:
+        return pretrained_tiny(name, cfg, sources, cache_dir, device, console)
+    path = Path(cfg.backbone).expanduser()
+    if not path.exists():
+        valid = ", ".join(sorted(backbones.PRESETS))
+        raise backbones.BackboneError(f"unknown backbone {cfg.backbone!r}; use one of {valid}, PRESET:WEIGHTS or a file")
+    return backbones.load_backbone(path)[0]
+
+
+def pretrained_tiny(name: str, cfg: Config, sources: list, cache_dir: Path, device, console: Console):
+    id_names = ",".join(sorted(s.name for s in sources if s.split == "id"))
+    recipe = dict(epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
+                  weight_decay=cfg.pretrain_weight_decay)
+    key = f"{name}-{cfg.image_size}px-{cfg.data}-{id_names}-{sorted(recipe.items())}-seed{cfg.seed}"
+    path = cache_dir / f"backbone-{hash_text(key):016x}.pt"
+    if path.is_file():
+        try:
+            return backbones.load_backbone(path)[0]
+        except backbones.BackboneError:
+            console.print(f"[yellow]cached backbone {path} is unreadable; pretraining it again[/]")
+    images, labels = data.pretraining_data(sources, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    model = backbones.build_backbone(name)
+    with Progress(TextColumn("pretraining the tiny ViT"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("", total=None, stats="")
+
+        def progress(step: int, total: int, stats: dict) -> None:
+            bar.update(task, completed=step, total=total, stats=f"loss {stats.get('loss', float('nan')):.3f}")
+
+        history = backbones.pretrain_supervised(model, images, labels, seed=cfg.seed, device=device,
+                                                progress=progress, **recipe)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    backbones.save_backbone(model.cpu(), path, {"key": key, "history": history})
+    console.print(f"pretrained {name} ViT on {len(labels)} images → {path} "
+                  f"(train accuracy {history[-1]['accuracy']:.1%})")
+    return model
+
+
+def hash_text(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+# --- schedule and small helpers ------------------------------------------------------------------
+
+
+def lr_scale(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Linear warm-up, then cosine decay to 0 over the run.
+
+    NOTE: the official trainer steps an epoch-wise cosine (5 warm-up, 50 total epochs) but stops at
+    epoch 25; we decay over the whole run (docs/deviations.md).
+    """
+    warmup = max(1, round(warmup_fraction * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def episode_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random numbers of episode `index` (router noise, gate samples): a function of (seed, index),
+    so a resumed or multi-process run draws exactly what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise RunError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 (or fp16) autocast on CUDA; CPU runs in fp32 (CPU bf16 matmuls are slower, not faster)."""
+    enabled = device.type == "cuda" and cfg.precision != "fp32"
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def protocol(cfg: Config, stage: Literal["train", "test"]) -> data.Protocol:
+    if stage == "train":
+        return data.Protocol(cfg.train_protocol, cfg.train_ways, cfg.train_shots, cfg.train_queries)
+    return data.Protocol(cfg.test_protocol, cfg.test_ways, cfg.test_shots, cfg.test_queries)
+
+
+def check_protocols(sources: list, cfg: Config) -> None:
+    """Draw one episode plan per (domain, partition) the run will use, so that an impossible protocol
+    (too many ways, too few images per class) fails before any work, not at the first validation."""
+    for source in sources:
+        needs = [("test", "test")] + ([("train", "train"), ("val", "test")] if source.split == "id" else [])
+        for partition, stage in needs:
+            try:
+                data.sample_plan(source, partition, protocol(cfg, stage), np.random.default_rng(0))
+            except data.DataError as error:
+                raise data.DataError(f"domain {source.name}, {partition} classes: {error}") from None
+
+
+def router_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of the merging weights, mean over tasks: log M = uniform mixing, 0 = one expert."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def meta_train(
+    cfg: Config,
+    out_dir: Path,
+    device: str = "auto",
+    resume: bool = False,
+    evaluate_at_end: bool = True,
+    stop_after: int | None = None,
+    cache_dir: Path | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Meta-train `cfg` into `out_dir`; returns the run directory. See the module docstring."""
+    console = console or Console(stderr=False)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    main = rank == 0
+    dev = pick_device(device)
+    if world > 1 and cfg.meta_batch % world:
+        raise RunError(f"meta_batch {cfg.meta_batch} must be a multiple of the {world} processes")
+    cache_dir = Path(cache_dir) if cache_dir else data.default_cache_dir()
+
+    # 1) Everything that can fail on bad input happens before the run directory is touched.
+    sources = data.parse_data_spec(cfg.data, cfg.image_size, cache_dir, seed=0)
+    id_sources = [s for s in sources if s.split == "id"]
+    if not id_sources:
+        raise data.DataError(f"--data {cfg.data!r} has no ID source to meta-train on; mark one with @id")
+    check_protocols(sources, cfg)
+    state = None
+    if resume:
+        state = read_checkpoint(out_dir / "checkpoint.pt")
+        saved = config_from_dict(state["config"])
+        if dataclasses.replace(saved, episodes=cfg.episodes) != cfg:
+            raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise RunError(f"{out_dir} already holds files; pass --resume {out_dir} or choose another --out")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+
+    torch.manual_seed(cfg.seed)
+    if state is not None:
+        model = build_model(cfg, state["backbone_spec"])
+        model.load_state_dict(state["model"])
+        backbone_spec = state["backbone_spec"]
+    else:
+        vit = resolve_backbone(cfg, sources, cache_dir, dev, console) if main or world == 1 else None
+        if world > 1:  # rank 0 pretrains or downloads; the others take its weights
+            box = [vit.state_dict() if main else None, dataclasses.asdict(vit.spec) if main else None]
+            dist.broadcast_object_list(box, src=0)
+            vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
+            vit.load_state_dict(box[0])
+        backbone_spec = dataclasses.asdict(vit.spec)
+        torch.manual_seed(cfg.seed)  # the same experts and router whether or not we pretrained
+        model = SMAT(vit, cfg)
+    model = model.to(dev)
+    optimizer = smat.MetaOptimizer(model)
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and cfg.precision == "fp16" else None
+    total_steps = math.ceil(cfg.episodes / cfg.meta_batch)
+    step, best_val, best_episode = 0, -1.0, -1
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, best_val, best_episode = state["step"], state["best_val"], state["best_episode"]
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
+
+    def checkpoint() -> None:
+        bad = [key for key, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never replace the last good checkpoint with a broken model
+            raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (after the optimiser step); "
+                                f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+        atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "backbone_spec": backbone_spec,
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None, "step": step,
+                     "episode": step * cfg.meta_batch, "best_val": best_val, "best_episode": best_episode},
+                    out_dir / "checkpoint.pt")
+
+    # 2) The loop: meta-batches of tasks, one optimiser step each [SMAT §3.10-3.11].
+    mine = range(rank, cfg.meta_batch, world)  # this process's tasks within every meta-batch
+    stream = data.TrainStream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
+                              start=step * cfg.meta_batch + rank, stride=world)
+    log_every = max(1, min(50, total_steps // 100))
+    last_stop = total_steps if stop_after is None else min(total_steps, math.ceil(stop_after / cfg.meta_batch))
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    started, start_episode, metrics_file = time.perf_counter(), step * cfg.meta_batch, out_dir / "metrics.jsonl"
+    with stream, Progress(*columns, console=console, disable=not main) as bar:
+        task = bar.add_task(cfg.method, total=total_steps * cfg.meta_batch, completed=step * cfg.meta_batch, stats="")
+        while step < last_stop:
+            outputs = []
+            for index in mine:
+                episode = next(stream).to(dev)
+                model.tasks_seen.fill_(step * cfg.meta_batch + index)  # drives T_r, as the official counter
+                with autocast(cfg, dev):
+                    out = smat.meta_train_step(model, episode.support_images, episode.support_labels,
+                                               episode.query_images, episode.query_labels, episode.n_way,
+                                               episode_generator(cfg.seed, step * cfg.meta_batch + index, dev))
+                loss = out.loss / cfg.meta_batch
+                (scaler.scale(loss) if scaler else loss).backward()
+                outputs.append(out)
+            stats = {k: torch.stack([o.terms[k] for o in outputs]).mean() for k in outputs[0].terms}
+            weights = torch.stack([o.weights for o in outputs])
+            violation = torch.stack([o.violation for o in outputs]).sum(0) / cfg.meta_batch
+            sparsity = torch.stack([o.hard_sparsity for o in outputs]).sum(0) / cfg.meta_batch
+            if world > 1:  # gradients and dual statistics summed over processes = one big meta-batch
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                packed = torch.cat([violation, sparsity, torch.stack(list(stats.values()))])
+                dist.all_reduce(packed)
+                violation, sparsity = packed[: cfg.n_experts], packed[cfg.n_experts: 2 * cfg.n_experts]
+                stats = dict(zip(stats, packed[2 * cfg.n_experts:] / world))
+            bad = [name for name, value in stats.items() if not torch.isfinite(value)]  # one sync per step
+            if bad:
+                raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (episode {step * cfg.meta_batch}); "
+                                    f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+            optimizer.step(lr_scale(step, total_steps, cfg.warmup_fraction), violation, sparsity, scaler)
+            step += 1
+            episodes_done = step * cfg.meta_batch
+            model.tasks_seen.fill_(episodes_done)
+            if main and (step % log_every == 0 or step == last_stop):
+                rate = (episodes_done - start_episode) / (time.perf_counter() - started)
+                record = log_record(step, episodes_done, stats, sparsity, weights, model, cfg, rate)
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(task, completed=episodes_done, stats=short_stats(record))
+            if episodes_done % cfg.val_every < cfg.meta_batch or step == total_steps:
+                if main:
+                    val = validate(model, id_sources, cfg, dev)
+                    if val > best_val:
+                        best_val, best_episode = val, episodes_done
+                        atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+                                     "backbone_spec": backbone_spec, "model": model.state_dict(),
+                                     "step": step, "episode": episodes_done, "best_val": best_val,
+                                     "best_episode": best_episode}, out_dir / "best.pt")
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps({"episode": episodes_done, "val_accuracy": val}) + "\n")
+                    bar.update(task, description=f"{cfg.method} (val {val:.1f}%)")
+            if main and (episodes_done % cfg.checkpoint_every < cfg.meta_batch or step in (last_stop, total_steps)):
+                checkpoint()
+            if world > 1:
+                dist.barrier()
+    if main and step == total_steps and evaluate_at_end:
+        final_evaluation(out_dir, sources, dev, console)
+    return out_dir
+
+
+def log_record(step, episodes, stats, sparsity, weights, model, cfg, rate) -> dict:
+    """One line of metrics.jsonl (docs/metrics.md says what each field means and healthy values)."""
+    total_steps = math.ceil(cfg.episodes / cfg.meta_batch)
+    record = {"step": step, "episode": episodes, "lr_scale": lr_scale(step - 1, total_steps, cfg.warmup_fraction)}
+    record |= {k: round(v.item(), 5) for k, v in stats.items()}
+    if cfg.uses_masks:
+        record |= {
+            "sparsity": [round(s, 4) for s in sparsity.tolist()],
+            "sparsity_mean": round(sparsity.mean().item(), 4), "sparsity_std": round(sparsity.std(correction=0).item(), 4),
+            "multiplier_mean": round(model.multipliers.mean().item(), 5),
+            "router_entropy": round(router_entropy(weights).item(), 4),
+            "router_temperature": round(smat.router_temperature(cfg, model.tasks_seen).item(), 4),
+            "expected_density_mean": round(smat.expected_density(model.log_alpha.detach()).mean().item(), 4),
+        }
+    record["episodes_per_second"] = round(rate, 2)
+    return record
+
+
+def short_stats(r: dict) -> str:
+    text = f"acc {r['accuracy']:.2f}"
+    if "teacher_accuracy" in r:
+        text += f" teacher {r['teacher_accuracy']:.2f}"
+    if "sparsity_mean" in r:
+        text += (f" sparsity {r['sparsity_mean']:.2f}±{r['sparsity_std']:.2f} λ {r['multiplier_mean']:.3f}"
+                 f" H(w) {r['router_entropy']:.2f}")
+    return text + f" {r['episodes_per_second']:.1f} ep/s"
+
+
+def validate(model: SMAT, id_sources: list, cfg: Config, device) -> float:
+    """Zero-shot accuracy on the ID domains' validation classes (fixed episodes), mean over domains."""
+    results = evaluate.evaluate_model(model, id_sources, cfg, partition="val", episodes=cfg.val_episodes,
+                                      seed=cfg.seed + 10_000, device=device)
+    return results["id_avg"]
+
+
+def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> dict:
+    """Test on every ID and OOD domain with the best-on-validation model; write and print the table."""
+    model, cfg, _ = load_run(out_dir, device)
+    results = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
+                                      seed=cfg.seed, device=device)
+    evaluate.write_results(out_dir, results)
+    evaluate.print_table([results], [out_dir.name], console=console)
+    return results
+
+
+# --- the command line: parse, build a Config, call meta_train ------------------------------------
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+ERRORS = (smat.ConfigError, data.DataError, backbones.BackboneError, RunError)
+
+
+@app.command()
+def main(
+    sparsity: Annotated[Optional[float], typer.Option(help="target fraction of zeros per expert, τ in [0, 1)")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="number of experts (≥ 1)")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="meta-training episodes (tasks)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="smat or pmf (dense ProtoNet meta-tuning)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/METHOD-TIME)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    data_spec: Annotated[Optional[str], typer.Option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
+    profile: Annotated[str, typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)")] = "cpu",
+    teacher: Annotated[Optional[bool], typer.Option("--teacher/--no-teacher", help="dense teacher + distillation")] = None,
+    kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", help="extra KL to the frozen model")] = None,
+    mask_sampling: Annotated[Optional[str], typer.Option(help="stochastic (Louizos) or official (noise-free)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (GPU autocast)")] = None,
+    test_episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain")] = None,
+    stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
+    evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
+    check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
+) -> None:
+    """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
+    overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
+                 "data": data_spec, "backbone": backbone, "teacher": teacher, "kl_to_pretrained": kl_pretrained,
+                 "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = make_config(profile, overrides, resume)
+        if not check_shapes:
+            import jaxtyping
+
+            jaxtyping.config.update("jaxtyping_disable", True)
+        out_dir = resume or out or Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        meta_train(cfg, Path(out_dir), device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
+                   stop_after=stop_after)
+    except ERRORS as error:
+        fail(str(error))
+    except NonFiniteLoss as error:
+        fail(str(error), code=1)
+
+
+def make_config(profile: str, overrides: dict, resume: Path | None) -> Config:
+    choices = {"method": ("smat", "pmf"), "mask_sampling": ("stochastic", "official"),
+               "precision": ("bf16", "fp16", "fp32")}
+    for name, valid in choices.items():
+        if name in overrides and overrides[name] not in valid:
+            raise smat.ConfigError(f"{name} = {overrides[name]!r} is not valid; use one of {', '.join(valid)}")
+    if profile not in ("cpu", "paper"):
+        raise smat.ConfigError(f"profile = {profile!r} is not valid; use cpu or paper")
+    if resume is not None:
+        if not (resume / "config.json").is_file():
+            raise RunError(f"--resume {resume}: not a run directory (no config.json); pass a directory made by train.py")
+        saved = config_from_dict(json.loads((resume / "config.json").read_text()))
+        changed = {k: v for k, v in overrides.items() if k != "episodes" and getattr(saved, k) != v}
+        if changed:
+            raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)} (only --episodes may change)")
+        return dataclasses.replace(saved, **overrides)
+    if overrides.get("method") == "pmf":
+        overrides = smat.PMF_SWITCHES | overrides
+    return Config(**overrides) if profile == "cpu" else Config.paper(**overrides)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and an exit code: the contract for bad input (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    import train  # run the importable module, not a second copy under __main__ (evaluate.py imports train)
+
+    train.app()
