@@ -1,0 +1,402 @@
+"""Tests for data.py: sampler properties (ecosystem.md §1.6), episodes, the embedded benchmark and each
+real source on data the test itself creates."""
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import data
+
+SMALL = dict(n_classes=10, n_images=8)  # a small embedded build: 10 classes -> 6/2/2 per domain
+
+class_sizes = st.lists(st.sampled_from([6, 7, 12, 20, 40, 300, 1300]) | st.integers(2, 60), min_size=5,
+                       max_size=80)
+
+
+def check_variable_bounds(plan: data.EpisodePlan, sizes: list[int]) -> None:
+    """Every bound of ecosystem.md §1.6 for one variable-way/shot plan."""
+    chosen = np.asarray(sizes)[list(plan.classes)]
+    ways = len(plan.classes)
+    assert data.MIN_WAYS <= ways <= min(data.MAX_WAYS_UPPER_BOUND, len(sizes))
+    assert len(set(plan.classes)) == ways
+    assert plan.queries == min(10, chosen.min() // 2)
+    assert all(1 <= k and k + plan.queries <= n for k, n in zip(plan.shots, chosen))
+    assert sum(plan.shots) <= data.MAX_SUPPORT_SET_SIZE
+    assert ways * plan.queries <= 500
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=class_sizes, seed=st.integers(0, 2**32 - 1))
+def test_variable_plan_respects_every_meta_dataset_bound(sizes, seed):
+    plan = data.sample_variable_plan(sizes, np.random.default_rng(seed))
+
+    check_variable_bounds(plan, sizes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(alphabet_sizes=st.lists(st.integers(14, 55), min_size=1, max_size=6), seed=st.integers(0, 1000))
+def test_omniglot_episodes_draw_all_classes_from_one_alphabet(alphabet_sizes, seed):
+    starts = np.cumsum([0] + alphabet_sizes)
+    hierarchy = data.Hierarchy("bilevel", tuple(tuple(range(starts[i], starts[i + 1]))
+                                                 for i in range(len(alphabet_sizes))))
+    sizes = [20] * int(starts[-1])
+
+    plan = data.sample_variable_plan(sizes, np.random.default_rng(seed), hierarchy)
+
+    check_variable_bounds(plan, sizes)
+    assert any(set(plan.classes) <= set(group) for group in hierarchy.groups)
+    assert plan.queries == 10  # 20 images per class -> 10 queries [MD §1.6 step 3]
+
+
+def test_dag_episodes_take_the_leaves_of_one_eligible_node():
+    # root -> {a, b}; a spans 6 leaves, b spans 3 (ineligible: < 5 ways), root spans 9.
+    children = {"root": ["a", "b"], "a": [f"l{i}" for i in range(6)], "b": ["l6", "l7", "l8"]}
+    children.update({f"l{i}": [] for i in range(9)})
+    hierarchy = data.dag_hierarchy(children, {f"l{i}": i for i in range(9)})
+
+    plans = [data.sample_variable_plan([30] * 9, np.random.default_rng(s), hierarchy) for s in range(40)]
+
+    assert {tuple(sorted(p.classes)) for p in plans} == {tuple(range(6)), tuple(range(9))}
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=class_sizes, ways=st.integers(2, 10), shots=st.integers(1, 5), queries=st.integers(1, 15),
+       seed=st.integers(0, 1000))
+def test_fixed_plan_has_requested_counts_or_says_why_not(sizes, ways, shots, queries, seed):
+    rng = np.random.default_rng(seed)
+    if ways > len(sizes) or min(sizes) < shots + queries:
+        with pytest.raises(data.DataError):
+            data.sample_fixed_plan(sizes, ways, shots, queries, rng)
+        return
+
+    plan = data.sample_fixed_plan(sizes, ways, shots, queries, rng)
+
+    assert len(set(plan.classes)) == ways and plan.shots == (shots,) * ways and plan.queries == queries
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=class_sizes, seed=st.integers(0, 1000))
+def test_same_seed_gives_the_same_plan(sizes, seed):
+    first = data.sample_variable_plan(sizes, np.random.default_rng(seed))
+    second = data.sample_variable_plan(sizes, np.random.default_rng(seed))
+
+    assert first == second
+
+
+class CountingSource(data.Source):
+    """Images whose pixels encode (class, image index), to check which images an episode used."""
+
+    name, split = "counting", "id"
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def class_sizes(self, partition):
+        return list(self.sizes)
+
+    def load(self, partition, class_index, image_indices, image_size):
+        codes = torch.tensor([[class_index, i] for i in image_indices], dtype=torch.uint8)
+        return codes.view(-1, 2, 1, 1).expand(-1, 2, 8, 8)[:, [0, 1, 1]].contiguous()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(6, 40), min_size=5, max_size=30), seed=st.integers(0, 1000))
+def test_episode_support_and_query_are_disjoint_and_labels_a_bijection(sizes, seed):
+    rng = np.random.default_rng(seed)
+    plan = data.sample_variable_plan(sizes, rng)
+
+    episode = data.make_episode(CountingSource(sizes), "train", plan, rng, augment=False, image_size=8)
+
+    std, mean = torch.tensor(data.IMAGENET_STD[:2]), torch.tensor(data.IMAGENET_MEAN[:2])
+    decode = lambda images: {tuple(v) for v in (images[:, :2, 0, 0] * std + mean).mul(255).round().int().tolist()}  # noqa: E731
+    support, query = decode(episode.support_images), decode(episode.query_images)
+    assert not support & query
+    assert len(support) == episode.support_images.shape[0] and len(query) == episode.query_images.shape[0]
+    assert sorted(set(episode.support_labels.tolist())) == list(range(len(plan.classes))) == \
+        sorted(set(episode.query_labels.tolist()))
+    assert episode.n_way == len(plan.classes)
+
+
+def test_malformed_episode_fails_where_it_is_built():
+    with pytest.raises(Exception, match="n_support"):
+        data.Episode(torch.zeros(3, 3, 8, 8), torch.zeros(4, dtype=torch.int64), torch.zeros(2, 3, 8, 8),
+                     torch.zeros(2, dtype=torch.int64), "x", "id")
+
+
+# --- the embedded benchmark ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, data.embedded_sources(seed=0, cache_dir=cache, **SMALL)
+
+
+def test_embedded_benchmark_has_five_id_and_three_ood_domains(embedded):
+    _, sources = embedded
+
+    splits = [s.split for s in sources]
+
+    assert splits.count("id") >= 5 and splits.count("ood") >= 3 and len({s.name for s in sources}) == len(sources)
+
+
+def test_embedded_build_is_deterministic_and_seed_dependent(embedded, tmp_path):
+    cache, _ = embedded
+
+    again = data.build_embedded(seed=0, cache_dir=tmp_path / "other", **SMALL)
+    cached = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    different = data.build_embedded(seed=1, cache_dir=tmp_path / "other", **SMALL)
+
+    assert all(torch.equal(again[n], cached[n]) for n in data.EMBEDDED_DOMAINS)
+    assert not torch.equal(again["glyphs"], different["glyphs"])
+
+
+def test_embedded_class_splits_are_disjoint_and_cover_every_class(embedded):
+    _, sources = embedded
+
+    for source in sources:
+        ranges = [set(source.classes(p)) for p in data.PARTITIONS]
+        assert not (ranges[0] & ranges[1] or ranges[0] & ranges[2] or ranges[1] & ranges[2])
+        assert set().union(*ranges) == set(range(SMALL["n_classes"]))
+
+
+def test_embedded_classes_have_distinct_images(embedded):
+    _, sources = embedded
+
+    for source in sources:
+        images = source._images.flatten(2).float()
+        class_means = images.mean(1)
+        assert torch.cdist(class_means, class_means).add(torch.eye(len(class_means)) * 1e9).min() > 0
+
+
+def test_corrupt_or_truncated_cache_is_rebuilt(embedded):
+    cache, _ = embedded
+    reference = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    path = next((cache / "embedded").glob("*.pt"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    rebuilt = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+
+    assert all(torch.equal(reference[n], rebuilt[n]) for n in data.EMBEDDED_DOMAINS)
+    assert torch.load(path, weights_only=True)["sha256"] == data._digest(reference)
+
+
+def test_cache_with_flipped_pixels_is_detected_and_rebuilt(embedded):
+    cache, _ = embedded
+    path = next((cache / "embedded").glob("*.pt"))
+    stored = torch.load(path, weights_only=True)
+    stored["domains"]["glyphs"][0, 0, 0, 0, 0] ^= 1
+    torch.save(stored, path)
+
+    rebuilt = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+
+    assert rebuilt["glyphs"][0, 0, 0, 0, 0] != stored["domains"]["glyphs"][0, 0, 0, 0, 0]
+
+
+def test_training_episode_is_a_pure_function_of_seed_and_index(embedded):
+    _, sources = embedded
+    protocol = data.Protocol("variable")
+
+    first, second = (data.training_episode(sources, protocol, seed=3, index=7, image_size=16) for _ in range(2))
+    other = data.training_episode(sources, protocol, seed=3, index=8, image_size=16)
+
+    assert torch.equal(first.support_images, second.support_images) and torch.equal(first.query_labels,
+                                                                                     second.query_labels)
+    assert first.split == "id" and first.support_images.shape[-1] == 16
+    assert first.support_images.shape != other.support_images.shape or not torch.equal(
+        first.support_images, other.support_images)
+
+
+def test_train_stream_with_start_and_stride_matches_direct_calls(embedded):
+    _, sources = embedded
+    protocol = data.Protocol("fixed", ways=3, shots=2, queries=3)
+
+    with data.TrainStream(sources, protocol, seed=5, image_size=32, start=2, stride=3, prefetch=2) as stream:
+        streamed = [next(stream) for _ in range(4)]
+
+    for k, episode in enumerate(streamed):
+        direct = data.training_episode(sources, protocol, 5, 2 + 3 * k, 32)
+        assert torch.equal(episode.support_images, direct.support_images) and episode.domain == direct.domain
+
+
+def test_train_stream_reraises_a_worker_error(embedded):
+    _, sources = embedded
+
+    with data.TrainStream(sources, data.Protocol("fixed", ways=50), seed=0, image_size=32) as stream:
+        with pytest.raises(data.DataError, match="50-way"):
+            next(stream)
+
+
+def test_test_episodes_are_deterministic_unaugmented_and_ood_aware(embedded):
+    _, sources = embedded
+    ood = next(s for s in sources if s.split == "ood")
+    protocol = data.Protocol("fixed", ways=2, shots=1, queries=2)
+
+    first = list(data.test_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
+    second = list(data.test_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
+
+    assert all(torch.equal(a.query_images, b.query_images) for a, b in zip(first, second))
+    assert first[0].split == "ood" and first[0].domain == ood.name
+    raw = ood._images[ood.classes("test")].float().div(255)  # unaugmented: every image is a stored one
+    stored = data._normalise(raw.flatten(0, 1))
+    assert all(any(torch.allclose(img, s, atol=1e-5) for s in stored) for img in first[0].query_images)
+
+
+def test_pretraining_data_has_globally_unique_labels_from_id_train_classes_only(embedded):
+    _, sources = embedded
+
+    images, labels = data.pretraining_data(sources, image_size=32)
+
+    n_id = sum(s.split == "id" for s in sources)
+    n_train = data.split_counts(SMALL["n_classes"])[0]
+    assert labels.unique().tolist() == list(range(n_id * n_train))
+    assert images.shape == (n_id * n_train * SMALL["n_images"], 3, 32, 32)
+
+
+def test_too_many_ways_and_too_few_images_are_clear_data_errors(embedded):
+    _, sources = embedded
+
+    with pytest.raises(data.DataError, match="50-way episodes need 50 classes"):
+        next(data.test_episodes(sources[0], "test", data.Protocol("fixed", ways=50), 1, 0, 32))
+    with pytest.raises(data.DataError, match="fewer than shots \\+ queries"):
+        next(data.test_episodes(sources[0], "test", data.Protocol("fixed", ways=2, shots=5, queries=15), 1, 0, 32))
+
+
+# --- real sources on data the test writes --------------------------------------------------------
+
+
+def write_png(path, value, size=(20, 14)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(path)
+
+
+def test_folder_source_splits_classes_and_names_a_corrupt_file(tmp_path):
+    for c in range(12):
+        for i in range(4):
+            write_png(tmp_path / "birds" / f"class{c:02d}" / f"{i}.png", 10 * c + i)
+    (tmp_path / "birds" / "class03" / "9.png").write_bytes(b"not a png")
+
+    (source,) = data.parse_data_spec(f"folder:{tmp_path / 'birds'}", image_size=16)
+
+    assert source.name == "birds" and source.split == "id"
+    assert sum(len(source.class_sizes(p)) for p in data.PARTITIONS) == 12
+    episode = next(data.test_episodes(source, "train", data.Protocol("fixed", ways=2, shots=1, queries=1), 1, 0, 16))
+    assert episode.support_images.shape == (2, 3, 16, 16)
+    partition = next(p for p in data.PARTITIONS
+                     if any("class03" in str(c[0]) for c in source._classes[p]))
+    index = next(k for k, c in enumerate(source._classes[partition]) if "class03" in str(c[0]))
+    with pytest.raises(data.DataError, match="9.png"):
+        source.load(partition, index, range(5), 16)
+
+
+def test_folder_of_domains_with_split_file_and_ood_mark(tmp_path):
+    for domain in ("a", "b"):
+        for c in range(6):
+            for i in range(3):
+                write_png(tmp_path / domain / f"c{c}" / f"{i}.jpg", c)
+    (tmp_path / "a" / "splits.json").write_text(json.dumps({"train": ["c0", "c1"], "val": ["c2"], "test": ["c5"]}))
+
+    sources = data.parse_data_spec(f"folder:{tmp_path}@ood", image_size=16)
+
+    assert [s.name for s in sources] == ["a", "b"] and {s.split for s in sources} == {"ood"}
+    assert [len(sources[0].class_sizes(p)) for p in data.PARTITIONS] == [2, 1, 1]
+    assert [len(sources[1].class_sizes(p)) for p in data.PARTITIONS] == [0, 0, 6]
+
+
+def write_fake_omniglot(root):
+    alphabets = {"background": ["Latin", "Tagalog"], "evaluation": ["Futurama"]}
+    for part, names in alphabets.items():
+        for alphabet in names:
+            for c in range(6):
+                for i in range(3):
+                    write_png(root / "omniglot-py" / f"images_{part}" / alphabet / f"character{c:02d}" / f"{i}.png",
+                              40 * c, (20, 20))
+
+
+def test_torchvision_omniglot_keeps_alphabets_as_hierarchy(tmp_path):
+    write_fake_omniglot(tmp_path)
+
+    (source,) = data.parse_data_spec(f"torchvision:omniglot:{tmp_path}", image_size=16)
+
+    assert [len(source.class_sizes(p)) for p in data.PARTITIONS] == [6, 6, 6]  # Tagalog is an MD valid alphabet
+    assert source.hierarchy("train").groups == (tuple(range(6)),)
+    plan = data.sample_variable_plan(source.class_sizes("test"), np.random.default_rng(0), source.hierarchy("test"))
+    episode = data.make_episode(source, "test", plan, np.random.default_rng(0), augment=True, image_size=16)
+    assert episode.support_images.shape[1:] == (3, 16, 16)
+
+
+def test_torchvision_cifar100_layout_is_read_without_download(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 60), ("test", 20)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         "fine_labels": [i % 10 for i in range(n)]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(10)]}, f)
+
+    (source,) = data.parse_data_spec(f"torchvision:cifar100:{tmp_path}", image_size=16)
+
+    assert source.split == "ood" and source.class_sizes("test") == [8] * 10
+    assert source.load("test", 0, [0, 1], 16).shape == (2, 3, 18, 18)  # 16 / (224 / 256) -> 18
+
+
+def write_pmf_h5(directory, n_classes=(6, 2, 5), images=7):
+    directory.mkdir(parents=True)
+    total = sum(n_classes)
+    spec = {"name": "tiny", "classes_per_split": {"TRAIN": n_classes[0], "VALID": n_classes[1], "TEST": n_classes[2]},
+            "images_per_class": {str(c): images for c in range(total)}}
+    (directory / "dataset_spec.json").write_text(json.dumps(spec))
+    for c in range(total):
+        with h5py.File(directory / f"{c}.h5", "w") as f:
+            for i in range(images):
+                group = f.create_group(str(i))
+                group["image"] = np.full((30, 40, 3), c * 10 + i, dtype=np.uint8)
+                group["label"], group["id"] = c, i
+
+
+def test_h5_source_reads_pmf_layout_with_a_bounded_number_of_open_files(tmp_path):
+    write_pmf_h5(tmp_path / "tiny")
+    (source,) = data.parse_data_spec(f"h5:{tmp_path / 'tiny'}", image_size=16)
+    source.files.max_open = 3
+
+    episodes = list(data.test_episodes(source, "test", data.Protocol("variable"), 4, seed=0, image_size=16))
+
+    assert source.split == "id" and source.class_sizes("test") == [7] * 5
+    assert all(e.n_way == 5 and e.query_images.shape[0] == 15 for e in episodes)  # 7 images -> 3 queries
+    assert len(source.files) == 3
+    image = source.load("val", 1, [2], 16)[0, 0, 0, 0]  # val class 1 = absolute class 7, record 2
+    assert int(image) == 72
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("folder:/no/such/dir", "does not exist"),
+    ("nosuch:thing", "cannot parse data source"),
+    ("torchvision:imagenet21k:/tmp", "unknown torchvision dataset"),
+    ("embedded:nosuch", "unknown embedded domain"),
+    ("h5:/no/such/source", "dataset_spec.json does not exist"),
+    ("embedded@both", "unknown split mark"),
+])
+def test_bad_data_specs_raise_one_line_data_errors(spec, message):
+    with pytest.raises(data.DataError, match=message) as error:
+        data.parse_data_spec(spec, image_size=32)
+
+    assert "\n" not in str(error.value)
+
+
+def test_empty_image_file_is_named(tmp_path):
+    for c in range(2):
+        write_png(tmp_path / "d" / f"c{c}" / "0.png", 0)
+    (tmp_path / "d" / "c1" / "1.png").write_bytes(b"")
+    (source,) = data.folder_sources(tmp_path / "d", "ood")
+
+    with pytest.raises(data.DataError, match="1.png is empty"):
+        source.load("test", 1, [0, 1], 16)
