@@ -1,0 +1,593 @@
+"""Meta-test SMAT runs: `python evaluate.py RUN_DIR [RUN_DIR ...]`.
+
+Every run is tested on the same seeded episodes of every ID and OOD domain (600 per domain by
+default) and reported as mean accuracy with a 95% confidence interval [SMAT §1.6], zero-shot
+[SMAT §5.1] or after fine-tuning on the support set [SMAT §5.2]. Start at `evaluate_model`; below it
+are the fine-tuning loop (full or LoRA), tables and results files, inference cost and pictures, and
+last the command line, which only parses flags and calls these functions.
+"""
+
+import copy
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import jaxtyping
+import torch
+import torch.nn.functional as F
+import typer
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import backbone as backbones
+import data
+import smat
+import train
+from data import Episode, Source
+from smat import SMAT, Config
+
+typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns every check off
+
+FinetuneMode = Literal["none", "full", "lora"]
+FINETUNE_STEPS = 50  # [official: md_few_shot hps search, 50 steps]
+# Candidate learning rates, tried in this order; strict ">" so lr 0 (no fine-tuning) wins ties
+# [official: find_best_finetune_configs, MD list without its extremes 1e-6 and 0.1].
+LR_CANDIDATES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+LR_SEARCH_EPISODES = 5  # validation episodes per domain for the lr search [official: 5 test episodes]
+LORA_RANK, LORA_ALPHA, LORA_LR_FACTOR = 8, 32, 10  # [official: peft LoraConfig r=8, alpha=32; lr ×10]
+FINETUNE_WEIGHT_DECAY = 0.01  # torch's AdamW default, as the official code
+
+
+class EvaluateError(ValueError):
+    """A bad evaluation request (flag out of range, missing extra); the message is one line."""
+
+
+# --- § 1 Meta-testing: episodes -> accuracies -> mean ± 95% CI ------------------------------------
+
+
+@typechecked
+def confidence_interval(accuracies: Float[Tensor, " n_episodes"]) -> tuple[float, float]:
+    """(mean, half-width of the 95% CI) in percent: 1.96·std/√n with the unbiased std [SMAT §1.6]."""
+    percent = accuracies.double() * 100
+    return percent.mean().item(), (1.96 * percent.std(correction=1) / len(percent) ** 0.5).item()
+
+
+PROTOCOL_FIELDS = ("test_protocol", "test_ways", "test_shots", "test_queries")
+
+
+def evaluate_model(
+    model: SMAT,
+    sources: list[Source],
+    cfg: Config,
+    *,
+    partition: Literal["val", "test"] = "test",
+    episodes: int,
+    seed: int,
+    finetune: FinetuneMode = "none",
+    finetune_lr: float | None = None,
+    finetune_steps: int = FINETUNE_STEPS,
+    baseline: Literal["model", "pretrained"] = "model",
+    device: str | torch.device = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Accuracy of `model` on `episodes` seeded episodes of every source: the DESIGN §5 results dict.
+
+    `cfg` gives the protocol and image size (the model's own config gives the method). The same
+    `seed` yields the same episodes for every model. `baseline="pretrained"` is "Pre": ProtoNet on
+    θ_pre. Fine-tuning uses `finetune_lr` if given, else the lr chosen on validation episodes.
+    `progress(domain)` is called after every episode.
+    """
+    if episodes < 2:
+        raise EvaluateError(f"episodes = {episodes} is too few; a confidence interval needs >= 2 per domain")
+    if finetune not in ("none", "full", "lora"):
+        raise EvaluateError(f"finetune = {finetune!r} is not valid; use none, full or lora")
+    if finetune_lr is not None and not finetune_lr >= 0:
+        raise EvaluateError(f"finetune_lr = {finetune_lr} is not valid; use a learning rate >= 0")
+    model = model.to(device)
+    lrs, search = {s.name: 0.0 for s in sources}, None
+    if finetune != "none" and finetune_lr is not None:
+        lrs = {s.name: finetune_lr for s in sources}
+    elif finetune != "none":
+        lrs, search = select_finetune_lr(model, sources, cfg, finetune, seed=seed, baseline=baseline,
+                                         device=device, steps=finetune_steps)
+    started, domains, protocol = time.perf_counter(), {}, train.protocol(cfg, "test")
+    for source in sources:
+        tasks = data.test_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
+        accuracies, weights = _accuracies(model, tasks, finetune, lrs[source.name], baseline, finetune_steps,
+                                          seed, device, progress and partial(progress, source.name))
+        mean, ci95 = confidence_interval(accuracies.cpu())
+        domains[source.name] = {"split": source.split, "mean": mean, "ci95": ci95, "episodes": episodes,
+                                "router_weights": (weights / episodes).tolist()}
+        if finetune != "none":
+            domains[source.name]["finetune_lr"] = lrs[source.name]
+    results = {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
+               "method": "pre" if baseline == "pretrained" else model.cfg.method, "finetune": finetune,
+               "partition": partition, "seed": seed, "protocol": asdict(protocol),
+               "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict()}
+    if search is not None:
+        results["finetune_lr_search"] = search
+    if model.cfg.uses_masks and baseline == "model":
+        results["experts"] = {"kept_fraction": kept_fraction(model), "overlap": mask_overlap(model).tolist()}
+    return results
+
+
+def _average(domains: dict, split: str) -> float | None:
+    means = [d["mean"] for d in domains.values() if d["split"] == split]
+    return sum(means) / len(means) if means else None  # unweighted over domains, as the paper
+
+
+def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseline: str, steps: int,
+                seed: int, device, progress: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
+    """Query accuracy of every episode and the sum of the router weights, left on the device (no
+    per-episode host sync)."""
+    accuracies, weights = [], torch.zeros((), device=device)
+    for index, episode in enumerate(episodes):
+        n_way = episode.n_way  # read on the host, before the copy to the device
+        logits, w = episode_logits(model, episode.to(device), n_way, finetune, lr, baseline, steps,
+                                   seed=seed * 1_000_003 + index)
+        accuracies.append((logits.argmax(-1) == episode.query_labels.to(device)).float().mean())
+        weights = weights + w
+        if progress is not None:
+            progress()
+    return torch.stack(accuracies), weights
+
+
+def episode_logits(model: SMAT, episode: Episode, n_way: int, finetune: FinetuneMode, lr: float,
+                   baseline: str, steps: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(query logits, router weights) of one episode: zero-shot, or fine-tuned when lr > 0."""
+    if finetune == "none" or lr == 0:  # lr 0 is "no fine-tuning" [official hps search]
+        out = smat.predict(model, episode.support_images, episode.support_labels, episode.query_images, n_way,
+                           pretrained=baseline == "pretrained")
+        return out.logits, out.weights
+    return finetune_logits(model, episode.support_images, episode.support_labels, episode.query_images, n_way,
+                           finetune, lr, steps, seed, pretrained=baseline == "pretrained")
+
+
+# --- § 2 Fine-tuning on the support set [SMAT §5.2] ------------------------------------------------
+
+
+@torch.no_grad()
+def task_model(model: SMAT, support_images: Tensor, support_labels: Tensor, n_way: int,
+               pretrained: bool = False) -> tuple[Tensor, Tensor]:
+    """(θ_i, router weights) exactly as smat.predict builds them: router on θ_pre's prototypes."""
+    if pretrained:
+        return model.theta_pre, torch.zeros(model.cfg.n_experts, device=model.theta_pre.device)
+    pre_prototypes = None
+    if model.cfg.uses_masks:
+        pre_support = model.features(model.theta_pre, support_images)
+        pre_prototypes = smat.class_prototypes(pre_support, support_labels, n_way)
+    theta, weights, _, _ = model.task_parameters(pre_prototypes)
+    return theta, weights
+
+
+@typechecked
+def augment(images: Float[Tensor, "batch channels height width"],
+            generator: torch.Generator) -> Float[Tensor, "batch channels height width"]:
+    """Support-set augmentation of the official fine-tuning [DiffAugment color + translation, p = 0.9,
+    then a 50% horizontal flip]: brightness, saturation, contrast, a shift of up to 1/8 of the side."""
+    n, size = len(images), images.shape[-1]
+
+    def draw() -> Tensor:
+        return torch.rand(n, 1, 1, 1, generator=generator, device=images.device)
+
+    x = images + (draw() - 0.5)  # brightness
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (2 * draw()) + mean  # saturation
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (draw() + 0.5) + mean  # contrast
+    shift = (torch.rand(n, 2, generator=generator, device=images.device) * 2 - 1) * (size // 8)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift.round() * 2 / size  # whole pixels, zero padding
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    x = torch.where(draw() < 0.9, x, images)
+    return torch.where(draw() < 0.5, x.flip(-1), x)
+
+
+class FlatLoRA(nn.Module):
+    """Rank-r updates of the query and value projections of every attention block, applied to the
+    named views of a flat θ: W_qkv + (α/r)·[B_q A_q; 0; B_v A_v] [official: peft LoRA on "query",
+    "value"; Hu et al. 2022]. B starts at zero, so the model starts at θ exactly."""
+
+    def __init__(self, layout: smat.ParamLayout, generator: torch.Generator, rank: int = LORA_RANK,
+                 alpha: float = LORA_ALPHA) -> None:
+        super().__init__()
+        self.targets = [name for name in layout.names if name.endswith("attn.qkv.weight")]
+        if not self.targets:
+            raise EvaluateError("LoRA needs attention weights named blocks.N.attn.qkv.weight; "
+                                "this backbone has none")
+        dim = layout.shapes[layout.names.index(self.targets[0])][1]
+        self.scale = alpha / rank
+        bound = dim**-0.5  # peft's kaiming_uniform(a=√5) on A gives U(±1/√fan_in)
+        # a: (blocks, q|v, rank, dim); b: (blocks, q|v, dim, rank)
+        uniform = torch.rand(len(self.targets), 2, rank, dim, generator=generator) * 2 - 1
+        self.a = nn.Parameter(uniform * bound)
+        self.b = nn.Parameter(torch.zeros(len(self.targets), 2, dim, rank))
+
+    def forward(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        update = self.scale * (self.b @ self.a)  # blocks × 2 × dim × dim
+        keys = torch.zeros_like(update[:, 0])
+        update = torch.cat([update[:, 0], keys, update[:, 1]], dim=1)  # blocks × 3·dim × dim
+        return params | {name: params[name] + update[i] for i, name in enumerate(self.targets)}
+
+
+@typechecked
+def finetune_logits(
+    model: SMAT,
+    support_images: Float[Tensor, "n_support channels height width"],
+    support_labels: Int[Tensor, " n_support"],
+    query_images: Float[Tensor, "n_query channels height width"],
+    n_way: int,
+    mode: Literal["full", "lora"],
+    lr: float,
+    steps: int = FINETUNE_STEPS,
+    seed: int = 0,
+    pretrained: bool = False,
+) -> tuple[Float[Tensor, "n_query n_way"], Float[Tensor, " n_experts"]]:
+    """Fine-tune θ_i on the support set, then predict the queries [SMAT §5.2; official md_few_shot].
+
+    θ_i (detached) is the start. Each step: prototypes from the un-augmented support (with gradient),
+    10·cos logits of the augmented support, cross-entropy, one AdamW step on θ (full) or on the LoRA
+    factors (lora, lr ×10). Returns the query logits after the last step and the router weights.
+    """
+    cfg, n_support = model.cfg, len(support_labels)
+    theta, weights = task_model(model, support_images, support_labels, n_way, pretrained)
+    generator = torch.Generator(device=support_images.device).manual_seed(seed)
+    if mode == "full":
+        theta = theta.clone().requires_grad_()
+        trained, step_lr = [theta], lr
+
+        def params() -> dict[str, Tensor]:
+            return model.layout.unflatten(theta)
+    else:
+        lora = FlatLoRA(model.layout, torch.Generator().manual_seed(seed)).to(theta.device)
+        trained, step_lr = list(lora.parameters()), lr * LORA_LR_FACTOR
+
+        def params() -> dict[str, Tensor]:
+            return lora(model.layout.unflatten(theta))
+    optimizer = torch.optim.AdamW(trained, lr=step_lr, weight_decay=FINETUNE_WEIGHT_DECAY)
+    with torch.enable_grad():
+        for _ in range(steps):
+            images = torch.cat([support_images, augment(support_images, generator)])
+            features = functional_call(model.architecture, params(), (images,))  # one forward for both
+            prototypes = smat.class_prototypes(features[:n_support], support_labels, n_way)
+            logits = smat.cosine_logits(features[n_support:], prototypes, cfg.cosine_scale)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, support_labels).backward()
+            optimizer.step()
+    with torch.no_grad():
+        features = functional_call(model.architecture, params(), (torch.cat([support_images, query_images]),))
+        prototypes = smat.class_prototypes(features[:n_support], support_labels, n_way)
+        return smat.cosine_logits(features[n_support:], prototypes, cfg.cosine_scale), weights
+
+
+def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune: FinetuneMode, *, seed: int,
+                       baseline: str, device, steps: int = FINETUNE_STEPS, candidates=LR_CANDIDATES,
+                       episodes: int = LR_SEARCH_EPISODES) -> tuple[dict[str, float], dict]:
+    """The fine-tuning lr of every domain, chosen on its VALIDATION classes, never on test episodes.
+
+    NOTE: the official search runs on 5 of each dataset's test episodes [official: md_few_shot
+    find_best_finetune_configs]; we use `episodes` validation episodes per domain (docs/deviations.md).
+    A domain without validation classes takes the lr that is best on all validation episodes pooled.
+    Returns ({domain: lr}, the search table for results.json).
+    """
+    table, protocol = {}, train.protocol(cfg, "test")
+    for source in sources:
+        if not source.class_sizes("val"):
+            continue
+        val = list(data.test_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
+        table[source.name] = [
+            _accuracies(model, val, finetune, lr, baseline, steps, seed, device)[0].mean().item() * 100
+            for lr in candidates
+        ]
+    if not table:
+        raise EvaluateError("no domain has validation classes to choose the fine-tuning lr on; "
+                            "pass --finetune-lr")
+
+    def first_best(accuracies: list[float]) -> float:
+        best = 0
+        for i, accuracy in enumerate(accuracies):
+            if accuracy > accuracies[best]:  # strict: the smaller lr (first) wins ties
+                best = i
+        return candidates[best]
+
+    pooled = first_best([statistics.fmean(column) for column in zip(*table.values())])
+    chosen = {s.name: first_best(table[s.name]) if s.name in table else pooled for s in sources}
+    return chosen, {"candidates": list(candidates), "partition": "val", "episodes": episodes,
+                    "accuracy": table, "pooled_lr": pooled, "chosen": chosen}
+
+
+# --- § 3 Tables and results files ------------------------------------------------------------------
+
+
+def _rows(results: list[dict]) -> list[list[str]]:
+    """Domain, split, then "mean ± ci" per result; the ID and OOD averages last."""
+    domains = list(dict.fromkeys(d for r in results for d in r["domains"]))
+    rows = []
+    for domain in domains:
+        cells = [r["domains"].get(domain) for r in results]
+        split = next(c["split"] for c in cells if c)
+        rows.append([domain, split] + [f"{c['mean']:.2f} ± {c['ci95']:.2f}" if c else "-" for c in cells])
+    for key, label in (("id_avg", "ID avg"), ("ood_avg", "OOD avg")):
+        rows.append([label, ""] + [f"{r[key]:.2f}" if r[key] is not None else "-" for r in results])
+    return rows
+
+
+def compare(results: list[dict], names: list[str]) -> Table:
+    """One rich table: a row per domain, a column per result (accuracy % ± 95% CI)."""
+    first = results[0]
+    episodes = next(iter(first["domains"].values()))["episodes"]
+    mode = "zero-shot" if first["finetune"] == "none" else f"fine-tuned ({first['finetune']})"
+    table = Table(title=f"{mode} accuracy % ± 95% CI, {_describe(first['protocol'])}, "
+                        f"{episodes} episodes per domain, seed {first['seed']}")
+    for column in ["domain", "split", *names]:
+        table.add_column(column, justify="left" if column in ("domain", "split") else "right")
+    rows = _rows(results)
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=i == len(rows) - 3)
+    return table
+
+
+def _describe(protocol: dict) -> str:
+    if protocol["kind"] == "variable":
+        return "variable way/shot"
+    return f"{protocol['ways']}-way {protocol['shots']}-shot {protocol['queries']}-query"
+
+
+def print_table(results: list[dict], names: list[str], console: Console | None = None) -> None:
+    (console or Console()).print(compare(results, names))
+
+
+def markdown_table(results: list[dict], names: list[str]) -> str:
+    lines = ["| domain | split | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in _rows(results)]) + "\n"
+
+
+def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | None = None) -> None:
+    """results.json and results.md in `run_dir`, each written to a temporary file and renamed, so a
+    reader never sees half a file. `baselines` (e.g. {"Pre": ...}) join the json and the table."""
+    results = results | ({"baselines": baselines} if baselines else {})
+    names = [results["method"] + ("" if results["finetune"] == "none" else f"+{results['finetune']}")]
+    extra = list((baselines or {}).items())
+    text = (f"# Results: {Path(run_dir).name}\n\n{results['partition']} classes, "
+            f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}\n\n"
+            + markdown_table([results] + [r for _, r in extra], names + [n for n, _ in extra]))
+    files = {"results.json": json.dumps(results, indent=2) + "\n", "results.md": text}
+    temporary = {name: Path(run_dir) / f".{name}.tmp{os.getpid()}" for name in files}
+    for name, content in files.items():
+        temporary[name].write_text(content)
+    for name in files:
+        os.replace(temporary[name], Path(run_dir) / name)
+
+
+# --- § 4 Inference cost and what the experts learned ------------------------------------------------
+
+
+def inference_cost(model: SMAT, episode: Episode, repeats: int = 20) -> dict:
+    """Median ms per episode of zero-shot SMAT (router + merge + forward) and of a plain ProtoNet on
+    an ordinary nn.Module copy of the same backbone (θ_pre), on the model's device. Shape checks are
+    off while timing: they cost per call, not per FLOP, and would favour the plain ProtoNet."""
+    device = model.theta_pre.device
+    episode, n_way, n_support = episode.to(device), episode.n_way, len(episode.support_labels)
+    plain = plain_backbone(model)
+
+    def protonet() -> Tensor:
+        features = plain(torch.cat([episode.support_images, episode.query_images]))
+        prototypes = smat.class_prototypes(features[:n_support], episode.support_labels, n_way)
+        return smat.cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale)
+
+    def method() -> Tensor:
+        xs, ys, xq = episode.support_images, episode.support_labels, episode.query_images
+        return smat.predict(model, xs, ys, xq, n_way).logits
+
+    def median_ms(fn: Callable[[], Tensor]) -> float:
+        times = []
+        for _ in range(repeats + 2):  # two warm-up calls
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times[2:])
+
+    checks = not jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        with torch.no_grad():
+            smat_ms, protonet_ms = median_ms(method), median_ms(protonet)
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", not checks)
+    return {"smat_ms": smat_ms, "protonet_ms": protonet_ms, "ratio": smat_ms / protonet_ms,
+            "repeats": repeats, "device": str(device),
+            "images": len(episode.support_labels) + len(episode.query_labels)}
+
+
+def plain_backbone(model: SMAT) -> nn.Module:
+    """An ordinary nn.Module with θ_pre as its parameters (SMAT keeps only the architecture)."""
+    plain = copy.deepcopy(model.architecture).to_empty(device=model.theta_pre.device)
+    torch.nn.utils.vector_to_parameters(model.theta_pre, plain.parameters())
+    return plain
+
+
+def kept_fraction(model: SMAT) -> dict[str, list[float]]:
+    """Per backbone tensor, the fraction of its entries each expert's test mask keeps (z > 0)."""
+    kept = (smat.test_gates(model.log_alpha.detach()) > 0).float()
+    return {name: kept[:, s].mean(1).tolist() for name, s in model.layout.slices().items()}
+
+
+def mask_overlap(model: SMAT) -> Tensor:
+    """n_experts × n_experts Jaccard overlap |z_a>0 ∧ z_b>0| / |z_a>0 ∨ z_b>0| of the test masks."""
+    kept = (smat.test_gates(model.log_alpha.detach()) > 0).float()
+    both = kept @ kept.T
+    count = kept.sum(1)
+    return both / (count[:, None] + count[None, :] - both).clamp_min(1)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or one clear line if the extra is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EvaluateError("pictures need matplotlib: pip install 'smat-reference[plots]', or drop --plots")
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    temporary = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
+    figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    pyplot().close(figure)
+    os.replace(temporary, path)
+
+
+def _heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path) -> None:
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(1.2 + 0.5 * len(columns), 1.0 + 0.22 * len(rows)))
+    image = axes.imshow(matrix, aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(columns)), columns, fontsize=7)
+    axes.set_yticks(range(len(rows)), rows, fontsize=7)
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes)
+    _save(figure, path)
+
+
+def plot_router_weights(results: dict, path: Path) -> None:
+    """Heatmap domains × experts of the router's merging weights, averaged over each domain's episodes."""
+    names = list(results["domains"])
+    matrix = [results["domains"][d]["router_weights"] for d in names]
+    labels = [f"{d} ({results['domains'][d]['split']})" for d in names]
+    _heatmap(matrix, labels, [str(m) for m in range(len(matrix[0]))], "router weight per domain", path)
+
+
+def plot_kept_fraction(results: dict, path: Path) -> None:
+    """Heatmap backbone tensors × experts of the fraction each expert's mask keeps."""
+    kept = results["experts"]["kept_fraction"]
+    columns = [str(m) for m in range(len(next(iter(kept.values()))))]
+    _heatmap(list(kept.values()), list(kept), columns, "kept fraction (z > 0) per tensor", path)
+
+
+def plot_mask_overlap(results: dict, path: Path) -> None:
+    overlap = results["experts"]["overlap"]
+    labels = [str(m) for m in range(len(overlap))]
+    _heatmap(overlap, labels, labels, "mask overlap |a∧b| / |a∨b|", path)
+
+
+def plot_id_vs_ood(results: list[dict], labels: list[str], path: Path) -> None:
+    """ID average against OOD average, one labelled point per run (e.g. a sparsity sweep)."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(5, 4))
+    xs, ys = [r["id_avg"] for r in results], [r["ood_avg"] for r in results]
+    axes.plot(xs, ys, "o-", color="tab:blue")
+    for x, y, label in zip(xs, ys, labels):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("ID average accuracy %")
+    axes.set_ylabel("OOD average accuracy %")
+    _save(figure, path)
+
+
+# --- § 5 The command line ----------------------------------------------------------------------------
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    # A function, not a constant: train.py imports this module, so train.RunError may not exist yet
+    # while this module is being imported.
+    return (smat.ConfigError, data.DataError, backbones.BackboneError, train.RunError, EvaluateError)
+
+
+@app.command()
+def main(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories made by train.py")],
+    episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain (default: the run's, 600)")] = None,
+    seed: Annotated[int, typer.Option(help="episode seed; the same seed gives every run the same episodes")] = 0,
+    data_spec: Annotated[Optional[str], typer.Option("--data", help="test data (default: the run's --data)")] = None,
+    finetune: Annotated[str, typer.Option(help="none (zero-shot), full or lora")] = "none",
+    finetune_lr: Annotated[Optional[float], typer.Option(help="fixed fine-tuning lr (default: chosen on val)")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add Pre (θ_pre + ProtoNet)")] = True,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="PNG pictures in each run directory")] = False,
+    sweep_plot: Annotated[Optional[Path], typer.Option(help="write the ID-vs-OOD picture of all runs here")] = None,
+    cost: Annotated[bool, typer.Option("--cost/--no-cost", help="time zero-shot SMAT against ProtoNet")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Meta-test runs on the same seeded ID and OOD episodes; write results.json / results.md."""
+    try:
+        run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
+                cost, device)
+    except user_errors() as error:
+        train.fail(" ".join(str(error).split()))
+
+
+def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot, cost,
+            device) -> None:
+    """Load and check everything, evaluate every run, then write every file: bad input fails before
+    any work, and an error anywhere leaves nothing written."""
+    if finetune not in ("none", "full", "lora"):
+        raise EvaluateError(f"--finetune {finetune!r} is not valid; use none, full or lora")
+    if plots or sweep_plot:
+        pyplot()
+    if sweep_plot and not Path(sweep_plot).parent.is_dir():
+        raise EvaluateError(f"--sweep-plot {sweep_plot}: its directory does not exist; create it first")
+    dev, runs, sources_for = train.pick_device(device), [], {}
+    for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
+        model, cfg, _ = train.load_run(run_dir, "cpu")
+        # Every run on the first run's protocol, so all of them see the same episodes.
+        cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS})
+        key = (data_spec or cfg.data, cfg.image_size)
+        if key not in sources_for:
+            sources_for[key] = data.parse_data_spec(key[0], cfg.image_size, seed=0)
+        runs.append((Path(run_dir), model, cfg, sources_for[key]))
+    kwargs = dict(episodes=episodes or runs[0][2].test_episodes, seed=seed, finetune=finetune,
+                  finetune_lr=finetune_lr, device=dev)
+    results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
+    status = Console(stderr=True)
+    columns = Progress.get_default_columns()
+    with Progress(*columns, console=status, transient=True, disable=not status.is_terminal) as bar:
+        for run_dir, model, cfg, sources in runs:
+            jobs = [("model", run_dir.name)]
+            if baselines and pre is None:  # Pre once, from the first run's θ_pre
+                jobs.append(("pretrained", pre_name))
+            for baseline, name in jobs:
+                task = bar.add_task(name, total=kwargs["episodes"] * len(sources))
+                result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs,
+                                        progress=lambda _, task=task: bar.advance(task))
+                pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
+            if cost:
+                first = next(data.test_episodes(sources[0], "test", train.protocol(cfg, "test"), 1, seed,
+                                                cfg.image_size))
+                results[-1]["inference_cost"] = inference_cost(model, first)
+            model.cpu()
+    names = [run_dir.name for run_dir, *_ in runs]
+    console = Console()
+    print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console)
+    for i, ((run_dir, *_), result) in enumerate(zip(runs, results)):
+        write_results(run_dir, result, {pre_name: pre} if pre and i == 0 else None)
+        if plots:
+            plot_router_weights(result, run_dir / "router_weights.png")
+            if "experts" in result:
+                plot_kept_fraction(result, run_dir / "kept_fraction.png")
+                plot_mask_overlap(result, run_dir / "mask_overlap.png")
+        if "inference_cost" in result:
+            c = result["inference_cost"]
+            console.print(f"{run_dir.name}: zero-shot {c['smat_ms']:.1f} ms vs ProtoNet "
+                          f"{c['protonet_ms']:.1f} ms per episode ({c['ratio']:.2f}x, {c['device']})")
+    if sweep_plot:
+        plot_id_vs_ood(results, names, sweep_plot)
+
+
+if __name__ == "__main__":
+    app()

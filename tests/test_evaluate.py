@@ -1,0 +1,380 @@
+"""evaluate.py: the CI formula, the shared episodes, the results files, fine-tuning, LoRA, the lr
+search on validation classes, expert statistics, pictures and the command line, on a tiny ViT and two
+small in-memory domains the tests draw themselves."""
+
+import dataclasses
+import json
+import statistics
+import sys
+
+import jaxtyping
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import backbone as backbones
+import data
+import evaluate
+import smat
+import train
+from smat import SMAT, Config
+
+SPEC = backbones.ViTSpec(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2.0, grid_size=2)
+PROTOCOL = dict(image_size=16, test_ways=3, test_shots=2, test_queries=3)
+
+
+def make_cfg(**overrides) -> Config:
+    return Config(**{"n_experts": 2, **PROTOCOL, **overrides})
+
+
+def make_model(cfg: Config | None = None, seed: int = 0) -> SMAT:
+    """A tiny ViT with a non-zero δ, so the meta-tuned model differs from θ_pre."""
+    torch.manual_seed(seed)
+    model = SMAT(backbones.VisionTransformer(SPEC), cfg or make_cfg())
+    with torch.no_grad():
+        model.delta.normal_(0, 0.05)
+    return model
+
+
+def make_sources() -> list[data.Source]:
+    """Two domains (one ID, one OOD) of 20 classes × 8 images: a template per class plus noise.
+    20 classes split 13 / 3 / 4 into train / val / test, enough for 3-way episodes."""
+    g = torch.Generator().manual_seed(0)
+
+    def images() -> torch.Tensor:
+        templates = torch.randint(0, 256, (20, 1, 3, 16, 16), generator=g)
+        noise = torch.randint(-60, 61, (20, 8, 3, 16, 16), generator=g)
+        return (templates + noise).clamp(0, 255).to(torch.uint8)
+
+    return [data.EmbeddedSource("glyphs", images(), "id"), data.EmbeddedSource("rosettes", images(), "ood")]
+
+
+def episode(seed: int = 0) -> data.Episode:
+    protocol = train.protocol(make_cfg(), "test")
+    return next(data.test_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
+
+
+def run(model=None, sources=None, **kwargs) -> dict:
+    model = model or make_model()
+    kwargs = {"episodes": 4, "seed": 0, **kwargs}
+    return evaluate.evaluate_model(model, sources or make_sources(), model.cfg, **kwargs)
+
+
+# --- mean and 95% confidence interval ---------------------------------------------------------------
+
+
+def test_confidence_interval_matches_a_hand_computation():
+    # accuracies 60, 80, 100, 80 %: mean 80, unbiased variance (400 + 0 + 400 + 0) / 3, CI = 1.96·std/√4
+    mean, ci95 = evaluate.confidence_interval(torch.tensor([0.6, 0.8, 1.0, 0.8]))
+
+    assert mean == pytest.approx(80.0)
+    assert ci95 == pytest.approx(1.96 * (800 / 3) ** 0.5 / 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=40))
+def test_confidence_interval_is_the_unbiased_formula(correct):
+    accuracies = [c / 15 for c in correct]
+
+    mean, ci95 = evaluate.confidence_interval(torch.tensor(accuracies))
+
+    assert mean == pytest.approx(100 * statistics.fmean(accuracies), abs=1e-4)
+    assert ci95 == pytest.approx(196 * statistics.stdev(accuracies) / len(accuracies) ** 0.5, abs=1e-4)
+
+
+# --- the same episodes for every method ---------------------------------------------------------------
+
+
+def test_the_same_seed_gives_every_method_the_same_episodes_and_numbers(monkeypatch):
+    seen = []
+    predict = smat.predict
+
+    def recording_predict(model, xs, ys, xq, n_way, pretrained=False):
+        seen.append((pretrained, xs.sum().item(), xq.sum().item(), ys.tolist()))
+        return predict(model, xs, ys, xq, n_way, pretrained)
+
+    monkeypatch.setattr(smat, "predict", recording_predict)
+    model = make_model()
+
+    first = run(model)
+    again = run(model)
+    pre = run(model, baseline="pretrained")
+    run(model, seed=1)
+
+    episodes = [s[1:] for s in seen]
+    n = len(episodes) // 4
+    assert episodes[:n] == episodes[n:2 * n] == episodes[2 * n:3 * n] != episodes[3 * n:]
+    assert [s[0] for s in seen[2 * n:3 * n]] == [True] * n  # Pre ran on those episodes
+    assert first["domains"] == again["domains"]
+    assert first["domains"] != pre["domains"]  # a real difference between the two methods
+    assert pre["method"] == "pre" and first["method"] == "smat"
+
+
+# --- results.json / results.md ------------------------------------------------------------------------
+
+
+def test_results_json_matches_the_design_schema(tmp_path):
+    results = run(episodes=3)
+    pre = run(episodes=3, baseline="pretrained")
+
+    evaluate.write_results(tmp_path, results, {"Pre": pre})
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["domains"]) == {"glyphs", "rosettes"}
+    for name, split in (("glyphs", "id"), ("rosettes", "ood")):
+        domain = saved["domains"][name]
+        assert domain["split"] == split and domain["episodes"] == 3
+        assert 0 <= domain["mean"] <= 100 and domain["ci95"] >= 0
+        assert len(domain["router_weights"]) == 2
+        assert sum(domain["router_weights"]) == pytest.approx(1, abs=1e-5)
+    assert saved["id_avg"] == pytest.approx(saved["domains"]["glyphs"]["mean"])
+    assert saved["ood_avg"] == pytest.approx(saved["domains"]["rosettes"]["mean"])
+    assert (saved["method"], saved["finetune"]) == ("smat", "none")
+    assert saved["baselines"]["Pre"]["method"] == "pre"
+    table = (tmp_path / "results.md").read_text()
+    assert "| glyphs | id |" in table and "| OOD avg |" in table and "Pre" in table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporaries
+
+
+def test_pmf_runs_report_a_single_dense_expert_and_no_mask_statistics():
+    results = run(make_model(Config.pmf(**PROTOCOL)), episodes=2)
+
+    assert results["method"] == "pmf" and "experts" not in results
+    assert results["domains"]["glyphs"]["router_weights"] == [1.0]
+
+
+def test_too_few_episodes_an_unknown_finetune_mode_or_a_negative_lr_is_one_clear_error():
+    with pytest.raises(evaluate.EvaluateError, match="episodes = 1"):
+        run(episodes=1)
+    with pytest.raises(evaluate.EvaluateError, match="none, full or lora"):
+        run(finetune="partial")
+    with pytest.raises(evaluate.EvaluateError, match="learning rate >= 0"):
+        run(finetune="full", finetune_lr=-1e-3)
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetuning_with_lr_zero_equals_zero_shot(mode):
+    model, e = make_model(), episode()
+    zero_shot = smat.predict(model, e.support_images, e.support_labels, e.query_images, e.n_way)
+
+    logits, weights = evaluate.finetune_logits(model, e.support_images, e.support_labels, e.query_images,
+                                               e.n_way, mode, lr=0.0, steps=3)
+
+    torch.testing.assert_close(logits, zero_shot.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(weights, zero_shot.weights)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetuning_with_a_positive_lr_lowers_the_support_loss_and_changes_predictions(mode):
+    model, e = make_model(), episode()
+    zero_shot = smat.predict(model, e.support_images, e.support_labels, e.support_images, e.n_way).logits
+
+    tuned, _ = evaluate.finetune_logits(model, e.support_images, e.support_labels, e.support_images, e.n_way,
+                                        mode, lr=1e-2, steps=5)
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits, e.support_labels).item()
+
+    assert loss(tuned) < loss(zero_shot)
+
+
+def test_lora_with_zero_initialised_b_leaves_theta_unchanged_and_touches_only_query_and_value():
+    model = make_model()
+    params = model.layout.unflatten(model.theta_pre)
+    lora = evaluate.FlatLoRA(model.layout, torch.Generator().manual_seed(0))
+
+    before = lora(params)
+    with torch.no_grad():
+        lora.b.normal_()
+    after = lora(params)
+
+    assert lora.targets == ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
+    assert all(torch.equal(before[name], params[name]) for name in params)
+    for name in params:
+        changed = after[name] != params[name]
+        changed = changed.any(dim=-1) if changed.dim() == 2 else changed  # per row of a matrix
+        if name in lora.targets:  # rows 0..15 query, 16..31 key, 32..47 value
+            assert changed[:16].all() and not changed[16:32].any() and changed[32:].all()
+        else:
+            assert not changed.any()
+
+
+def test_augmentation_keeps_shapes_and_is_reproducible_from_its_generator():
+    images = episode().support_images
+
+    a = evaluate.augment(images, torch.Generator().manual_seed(3))
+    b = evaluate.augment(images, torch.Generator().manual_seed(3))
+
+    assert a.shape == images.shape and torch.equal(a, b) and not torch.equal(a, images)
+
+
+def test_the_lr_search_reads_validation_episodes_only(monkeypatch):
+    requested = []
+    episodes = data.test_episodes
+
+    def recording_episodes(source, partition, *args):
+        requested.append(partition)
+        return episodes(source, partition, *args)
+
+    monkeypatch.setattr(data, "test_episodes", recording_episodes)
+    model = make_model()
+
+    lrs, search = evaluate.select_finetune_lr(model, make_sources(), model.cfg, "full", seed=0,
+                                              baseline="model", device="cpu", steps=2, episodes=2)
+    assert requested == ["val", "val"]
+    assert set(lrs) == {"glyphs", "rosettes"} and all(lr in evaluate.LR_CANDIDATES for lr in lrs.values())
+    assert search["partition"] == "val" and len(search["accuracy"]["glyphs"]) == len(evaluate.LR_CANDIDATES)
+
+    requested.clear()
+    results = run(model, episodes=2, finetune="full", finetune_steps=2)
+    assert requested == ["val", "val", "test", "test"]  # the search ends before any test episode
+    assert results["domains"]["glyphs"]["finetune_lr"] == results["finetune_lr_search"]["chosen"]["glyphs"]
+
+
+def test_ties_in_the_lr_search_go_to_lr_zero():
+    model = make_model()
+    # With 0 steps every candidate predicts exactly as zero-shot, so every accuracy ties.
+    lrs, search = evaluate.select_finetune_lr(model, make_sources(), model.cfg, "lora", seed=0,
+                                              baseline="model", device="cpu", steps=0, episodes=2)
+
+    assert lrs == {"glyphs": 0.0, "rosettes": 0.0}
+    assert len(set(search["accuracy"]["glyphs"])) == 1
+
+
+def test_a_domain_without_validation_classes_takes_the_pooled_lr(monkeypatch):
+    sources = make_sources()
+    monkeypatch.setattr(sources[1], "class_sizes", lambda partition: [] if partition == "val" else [8] * 4)
+    model = make_model()
+
+    lrs, search = evaluate.select_finetune_lr(model, sources, model.cfg, "full", seed=0, baseline="model",
+                                              device="cpu", steps=2, episodes=2)
+
+    assert list(search["accuracy"]) == ["glyphs"] and lrs["rosettes"] == search["pooled_lr"]
+
+
+# --- inference cost and expert statistics ---------------------------------------------------------------
+
+
+def test_the_plain_protonet_copy_computes_the_pretrained_features_and_timing_restores_checks():
+    model, e = make_model(), episode()
+
+    plain = evaluate.plain_backbone(model)
+
+    torch.testing.assert_close(plain(e.support_images), model.features(model.theta_pre, e.support_images))
+    checks = jaxtyping.config.jaxtyping_disable
+    cost = evaluate.inference_cost(model, e, repeats=2)
+    assert cost["smat_ms"] > 0 and cost["protonet_ms"] > 0 and cost["images"] == 15
+    assert jaxtyping.config.jaxtyping_disable == checks  # shape checks back as they were
+
+
+def test_kept_fraction_and_mask_overlap_match_hand_built_masks():
+    model = make_model()
+    n = model.layout.n_params
+    keep = torch.zeros(2, n, dtype=torch.bool)
+    keep[0, : n // 2] = True  # expert 0: first half
+    keep[1, n // 4: n // 2 + n // 4] = True  # expert 1: the middle half -> overlap n/4 of union 3n/4
+    with torch.no_grad():
+        model.log_alpha.copy_(torch.where(keep, 4.6, -4.6))
+
+    kept = evaluate.kept_fraction(model)
+    overlap = evaluate.mask_overlap(model)
+
+    assert kept["cls_token"] == [1.0, 0.0]  # the first tensor lies in expert 0's half only
+    sizes = dict(zip(model.layout.names, model.layout.numels))
+    total = [sum(kept[name][m] * sizes[name] for name in kept) for m in range(2)]
+    assert total == pytest.approx([n // 2, n // 2], abs=1)
+    torch.testing.assert_close(overlap, torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]]), atol=1e-4, rtol=0)
+
+
+def test_every_picture_is_written_as_a_png(tmp_path):
+    results = run(episodes=2)
+    other = results | {"id_avg": 50.0, "ood_avg": 40.0}
+
+    evaluate.plot_router_weights(results, tmp_path / "router.png")
+    evaluate.plot_kept_fraction(results, tmp_path / "kept.png")
+    evaluate.plot_mask_overlap(results, tmp_path / "overlap.png")
+    evaluate.plot_id_vs_ood([results, other], ["τ=0.9", "τ=0.5"], tmp_path / "sweep.png")
+
+    for name in ("router", "kept", "overlap", "sweep"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_missing_matplotlib_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+
+    with pytest.raises(evaluate.EvaluateError, match="pip install"):
+        evaluate.pyplot()
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def save_run(run_dir, cfg: Config, model: SMAT) -> None:
+    """A run directory as train.py writes it (config.json + a checkpoint in its format)."""
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    train.atomic_save({"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+                       "backbone_spec": dataclasses.asdict(SPEC), "model": model.state_dict()},
+                      run_dir / "checkpoint.pt")
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "parse_data_spec", lambda *args, **kwargs: make_sources())
+    smat_cfg, pmf_cfg = make_cfg(test_episodes=2), Config.pmf(**PROTOCOL, test_episodes=2)
+    save_run(tmp_path / "smat-run", smat_cfg, make_model(smat_cfg))
+    save_run(tmp_path / "pmf-run", pmf_cfg, make_model(pmf_cfg))
+    return tmp_path
+
+
+def test_cli_evaluates_several_runs_into_one_table_and_writes_their_results(runs):
+    args = [str(runs / "smat-run"), str(runs / "pmf-run"), "--device", "cpu", "--plots",
+            "--sweep-plot", str(runs / "sweep.png")]
+
+    result = CliRunner().invoke(evaluate.app, args)
+
+    assert result.exit_code == 0, result.output
+    assert "Pre" in result.stdout and "smat-run" in result.stdout and "pmf-run" in result.stdout
+    smat_results = json.loads((runs / "smat-run" / "results.json").read_text())
+    pmf_results = json.loads((runs / "pmf-run" / "results.json").read_text())
+    assert smat_results["method"] == "smat" and "Pre" in smat_results["baselines"]
+    assert pmf_results["method"] == "pmf" and "baselines" not in pmf_results
+    assert smat_results["domains"]["glyphs"]["episodes"] == 2  # the run's test_episodes
+    assert (runs / "smat-run" / "mask_overlap.png").is_file() and (runs / "sweep.png").is_file()
+    assert not (runs / "pmf-run" / "mask_overlap.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-run", "bad-checkpoint", "other-config", "bad-flag",
+                                  "bad-sweep-plot"])
+def test_bad_run_directories_and_flags_give_one_line_and_exit_code_2(runs, case):
+    args = [str(runs / "smat-run")]
+    if case == "missing":
+        args = [str(runs / "nowhere")]
+    elif case == "not-a-run":
+        (runs / "empty").mkdir()
+        args = [str(runs / "empty")]
+    elif case == "bad-checkpoint":
+        (runs / "smat-run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    elif case == "other-config":  # 3 experts in the config, 2 in the saved tensors
+        state = torch.load(runs / "smat-run" / "checkpoint.pt", weights_only=True)
+        state["config"]["n_experts"] = 3
+        torch.save(state, runs / "smat-run" / "checkpoint.pt")
+    elif case == "bad-flag":
+        args += ["--finetune", "partial"]
+    else:
+        args += ["--sweep-plot", str(runs / "no-such-dir" / "sweep.png")]
+    before = sorted(p.name for p in (runs / "smat-run").iterdir())
+
+    result = CliRunner().invoke(evaluate.app, [*args, str(runs / "pmf-run"), "--device", "cpu"])
+
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in (runs / "smat-run").iterdir()) == before
+    assert not (runs / "pmf-run" / "results.json").exists()  # nothing written for the good run either
