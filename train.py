@@ -80,6 +80,20 @@ def config_from_dict(values: dict) -> Config:
     return Config(**values)
 
 
+def read_config(run_dir: Path) -> Config:
+    """The Config in a run's config.json; a missing or unparsable file is one RunError line."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory; it must contain config.json (made by train.py)")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"{path} is not readable JSON ({error}); expected the config.json written by train.py")
+    if not isinstance(values, dict):
+        raise RunError(f"{path} holds a {type(values).__name__}, not the JSON object written by train.py")
+    return config_from_dict(values)
+
+
 def build_model(cfg: Config, backbone_spec: dict, backbone_state: dict | None = None) -> SMAT:
     """The SMAT module for `cfg` on a ViT of `backbone_spec`; θ_pre from `backbone_state` if given."""
     vit = backbones.VisionTransformer(backbones.ViTSpec(**backbone_spec))
@@ -91,11 +105,15 @@ def build_model(cfg: Config, backbone_spec: dict, backbone_state: dict | None = 
 def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["best", "last"] = "best"):
     """(model, config, checkpoint) of a run: best.pt if present (and asked for), else checkpoint.pt."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise RunError(f"{run_dir} is not a run directory; it must contain config.json (made by train.py)")
+    saved = read_config(run_dir).to_dict()
     path = run_dir / "best.pt" if which == "best" and (run_dir / "best.pt").is_file() else run_dir / "checkpoint.pt"
     state = read_checkpoint(path)
     cfg = config_from_dict(state["config"])
+    # --resume may change only `episodes`, so best.pt from before a resume may differ from config.json there
+    changed = [k for k, v in cfg.to_dict().items() if k != "episodes" and saved[k] != v]
+    if changed:
+        raise RunError(f"{path} was trained with another {', '.join(changed[:3])} than {run_dir / 'config.json'}; "
+                       f"it is not this run's checkpoint")
     model = build_model(cfg, state["backbone_spec"])
     try:
         model.load_state_dict(state["model"])
@@ -447,6 +465,7 @@ def main(
     mask_sampling: Annotated[Optional[str], typer.Option(help="stochastic (Louizos) or official (noise-free)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (GPU autocast)")] = None,
     test_episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="episodes between resumable checkpoints")] = None,
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
@@ -454,7 +473,8 @@ def main(
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
                  "data": data_spec, "backbone": backbone, "teacher": teacher, "kl_to_pretrained": kl_pretrained,
-                 "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes}
+                 "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes,
+                 "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         cfg = make_config(profile, overrides, resume)
@@ -482,7 +502,7 @@ def make_config(profile: str, overrides: dict, resume: Path | None) -> Config:
     if resume is not None:
         if not (resume / "config.json").is_file():
             raise RunError(f"--resume {resume}: not a run directory (no config.json); pass a directory made by train.py")
-        saved = config_from_dict(json.loads((resume / "config.json").read_text()))
+        saved = read_config(resume)
         changed = {k: v for k, v in overrides.items() if k != "episodes" and getattr(saved, k) != v}
         if changed:
             raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)} (only --episodes may change)")
