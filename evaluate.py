@@ -590,4 +590,6 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
 
 
 if __name__ == "__main__":
-    app()
+    import evaluate  # the importable module, not a second copy under __main__ (train.py imports evaluate)
+
+    train.run_cli(evaluate.app)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -313,13 +314,18 @@ def meta_train(
         step, best_val, best_episode = state["step"], state["best_val"], state["best_episode"]
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp*"):  # left by a process killed while writing
+            stale.unlink()
         atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
+
+    def last_good() -> str:
+        path = out_dir / "checkpoint.pt"
+        return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint had been written yet"
 
     def checkpoint() -> None:
         bad = [key for key, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never replace the last good checkpoint with a broken model
-            raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (after the optimiser step); "
-                                f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+            raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (after the optimiser step); {last_good()}")
         atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "backbone_spec": backbone_spec,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "step": step,
@@ -364,7 +370,7 @@ def meta_train(
             bad = [name for name, value in stats.items() if not torch.isfinite(value)]  # one sync per step
             if bad:
                 raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (episode {step * cfg.meta_batch}); "
-                                    f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+                                    f"{last_good()}")
             optimizer.step(lr_scale(step, total_steps, cfg.warmup_fraction), violation, sparsity, scaler)
             step += 1
             episodes_done = step * cfg.meta_batch
@@ -518,7 +524,25 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# click's UsageError (a missing or malformed value), whether typer vendors click or uses it: the base
+# class of typer.BadParameter in both cases.
+USAGE_ERROR = typer.BadParameter.__bases__[0]
+
+
+def run_cli(application: typer.Typer) -> None:
+    """Run a Typer app so that click's own usage errors (a missing value, `--experts two`) are one
+    line and exit code 2 too, like every other bad input, instead of click's multi-line usage box."""
+    try:
+        code = application(standalone_mode=False)
+    except USAGE_ERROR as error:
+        typer.echo(f"error: {error.format_message()}", err=True)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
     import train  # run the importable module, not a second copy under __main__ (evaluate.py imports train)
 
-    train.app()
+    train.run_cli(train.app)

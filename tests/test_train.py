@@ -153,3 +153,10 @@ def test_bad_flags_exit_with_code_2_and_one_line(flags, words, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_a_malformed_flag_value_is_one_line_and_exit_code_2_from_the_shell():
+    result = subprocess.run([sys.executable, "train.py", "--experts", "two"], cwd=ROOT, capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--experts" in result.stderr and not result.stdout
