@@ -65,7 +65,7 @@ class Config:
     router_spectral_norm: bool = True  # spectral norm on the router's linear layers [official: SIE L73]
     router_temperature_start: float = 5.0  # T_r = max(0.5, 5 - n/4000) [official: SIE L473]
     router_temperature_end: float = 0.5
-    router_anneal_tasks: int = 18_000  # tasks until T_r reaches its end value (official: 18k)
+    router_anneal_tasks: int = 400  # tasks until T_r reaches its end value (official: 18k of 50k)
     router_logit_penalty: float = 1e-4  # 1e-4·mean(a²) "for stabilised training" [official: SIE L686]
     cosine_scale: float = 10.0  # logits = 10·cos(f, W_c) [official: common.py sim_func]
     inner_step: bool = True  # one first-order GD step on the support set, training only [SMAT §3.6]
@@ -80,14 +80,16 @@ class Config:
 
     # meta-update [SMAT §3.11]
     meta_batch: int = 4  # tasks per optimiser step
-    episodes: int = 2_000  # meta-training episodes (tasks)
-    delta_lr: float = 1e-4
+    episodes: int = 800  # meta-training episodes (tasks); official 50k
+    # NOTE: the CPU profile's learning rates (δ, λ, router) are larger than the official ones (in
+    # `paper()`): 200 optimiser steps instead of 12.5k. Chosen on ID validation classes (docs/results.md).
+    delta_lr: float = 0.05
     delta_momentum: float = 0.9
     delta_weight_decay: float = 1e-4  # decays θ_i towards θ_pre, since θ_i - θ_pre ∝ δ
     mask_lr: float = 1e6  # huge on purpose: sign-like jumps make masks quasi-binary [official: yaml]
     mask_clip: float = 5.0  # global grad-norm clip on log α [official: max_grad_norm]
-    multiplier_lr: float = 2e-3  # η_λ, dual ascent step [official: outer_lr.lagrangian_lr]
-    router_lr: float = 1e-4  # AdamW [official: trainer L121]
+    multiplier_lr: float = 0.1  # η_λ, dual ascent step; official 2e-3 [official: outer_lr.lagrangian_lr]
+    router_lr: float = 1e-3  # AdamW; official 1e-4 [official: trainer L121]
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
     warmup_fraction: float = 0.1  # linear warm-up, then cosine (official: 5 of 50 epochs)
@@ -108,8 +110,8 @@ class Config:
     checkpoint_every: int = 100  # episodes between resumable checkpoints
     val_episodes: int = 60  # per ID domain
     test_episodes: int = 600  # per domain [official: nTestEpisode]
-    pretrain_epochs: int = 12  # supervised pretraining of the tiny stand-in for DINO (CPU profile only)
-    pretrain_batch_size: int = 256
+    pretrain_epochs: int = 25  # supervised pretraining of the tiny stand-in for DINO (CPU profile only)
+    pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
     pretrain_weight_decay: float = 0.05
     seed: int = 0
@@ -153,10 +155,13 @@ class Config:
     @classmethod
     def paper(cls, **overrides) -> "Config":
         """The paper's ViT-S/16 DINO Meta-Dataset profile [SMAT §1.3-1.5, §3.11]: 50k tasks, 128 px."""
+        sources = ("ilsvrc_2012", "aircraft", "cu_birds", "quickdraw", "dtd", "fungi", "vgg_flower", "omniglot")
         paper = dict(
-            backbone="vit_small_patch16", image_size=128, data="h5:metadataset_h5/ilsvrc_2012",
-            train_protocol="variable", test_protocol="variable", episodes=50_000,
-            val_every=2_000, val_episodes=120, router_anneal_tasks=18_000, warmup_fraction=0.1,
+            backbone="vit_small_patch16", image_size=128, train_protocol="variable", test_protocol="variable",
+            data=",".join([f"h5:metadataset_h5/{s}@id" for s in sources]
+                          + [f"h5:metadataset_h5/{s}@ood" for s in ("traffic_sign", "mscoco")]),
+            episodes=50_000, val_every=2_000, val_episodes=120, checkpoint_every=500, warmup_fraction=0.1,
+            delta_lr=1e-4, multiplier_lr=2e-3, router_lr=1e-4, router_anneal_tasks=18_000,
         )
         return cls(**{**paper, **overrides})
 
@@ -193,9 +198,14 @@ def sample_gates(
     u ~ U(0, 1), s = σ((log u - log(1-u) + log α) / β), z = clamp(s·(ζ-γ) + γ, 0, 1). The
     reparameterised noise lets gradients reach log α while z still contains exact zeros.
     """
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
-    u = u.clamp(EPSILON, 1.0 - EPSILON)
-    return _stretch_and_clamp(torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA))
+    return _stretch_and_clamp(torch.sigmoid((_logistic_noise(log_alpha, generator) + log_alpha) / BETA))
+
+
+def _logistic_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    # log u - log(1-u), u ~ U(ε, 1-ε), built in place: at most two M×P tensors alive, not four
+    u = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    u.clamp_(EPSILON, 1.0 - EPSILON)
+    return torch.log(u).sub_(u.neg_().log1p_())
 
 
 @typechecked
@@ -226,13 +236,32 @@ def expected_density(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Te
     P(z > 0) = 1 - Q(s ≤ 0) = σ(log α - β·log(-γ/ζ)) = σ(log α + 1.5986). It is differentiable in
     log α, unlike the hard count, so it carries the primal sparsity gradient [official: SIE L245-259].
     """
-    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA)).mean(dim=-1)
+    return _ExpectedDensity.apply(log_alpha)
+
+
+class _ExpectedDensity(torch.autograd.Function):
+    """mean_j σ(log α + 1.5986), whose backward recomputes σ: autograd would keep it, M×P, for backward
+    (0.7 GB for ViT-S, 8 experts) and add two M×P temporaries; here one M×P temporary, in place.
+    Oracle: tests/test_fast_path.py."""
+
+    OFFSET = -BETA * math.log(-GAMMA / ZETA)  # 1.5986
+
+    @staticmethod
+    def forward(ctx, log_alpha):
+        ctx.save_for_backward(log_alpha)
+        return torch.sigmoid(log_alpha + _ExpectedDensity.OFFSET).mean(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (log_alpha,) = ctx.saved_tensors
+        s = torch.add(log_alpha, _ExpectedDensity.OFFSET).sigmoid_()
+        return s.addcmul_(s, s, value=-1).mul_(grad[:, None] / log_alpha.shape[-1])  # σ' = σ(1-σ), over P
 
 
 @typechecked
 def hard_sparsity(gates: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, " n_experts"]:
     """ŝ_m = #(z_m = 0) / P, the quantity the constraint ŝ_m ≥ τ is about [SMAT §3.9]."""
-    return (gates == 0).float().mean(dim=-1)
+    return (gates == 0).sum(dim=-1) / gates.shape[-1]  # an exact count: no M×P float copy, no fp32 rounding
 
 
 # --- § 3 Sparse interpolated experts [SMAT §3.1, §3.3] --------------------------------------------
@@ -271,7 +300,9 @@ def merge_masks(
     weights: Float[Tensor, " n_experts"], gates: Float[Tensor, "n_experts n_params"]
 ) -> Float[Tensor, " n_params"]:
     """The task's merged mask Σ_m w_m z_m [SMAT §3.1; official: SIE L335]."""
-    return weights.to(gates.dtype) @ gates
+    # in float32 even under autocast: a bf16 matmul would round the mask and keep an M×P bf16 copy
+    with torch.autocast(gates.device.type, enabled=False):
+        return weights.to(gates.dtype) @ gates
 
 
 @typechecked
@@ -280,6 +311,58 @@ def interpolate(
 ) -> Float[Tensor, " n_params"]:
     """θ_i = θ_pre + mask ⊙ δ [SMAT §3.1; official: SIE L434]. mask = 1 gives the dense update."""
     return theta_pre + mask * delta
+
+
+# Each way of drawing gates: (gate function of (log α, generator), temperature t of its sigmoid).
+GATES = {
+    "stochastic": (sample_gates, BETA),
+    "official": (lambda log_alpha, generator: official_train_gates(log_alpha), BETA),
+    "test": (lambda log_alpha, generator: test_gates(log_alpha), 1.0),
+}
+
+
+class MergeExperts(torch.autograd.Function):
+    """θ_i = θ_pre + (w @ z) ⊙ δ with z = GATES[sampling](log α), as one op that keeps little for backward.
+
+    The same value as interpolate(θ_pre, δ, merge_masks(w, z)), but autograd through that chain keeps
+    ~3 M×P tensors for backward (sigmoid, clamp input, z): 2.1 GB for ViT-S with 8 experts. This op
+    keeps δ, w, the P-vector mask and either z (on CPU) or nothing of size M×P (on `recompute_on`
+    devices, where backward recomputes z — stochastic gates replay their noise from the generator's
+    saved state — since there memory is scarce and redrawing is cheap; on CPU drawing the noise again
+    costs more time than storing z costs memory). The chain rule, with g = ∂L/∂θ_i:
+    ∂L/∂δ = g ⊙ (w @ z),  ∂L/∂w = z @ (g ⊙ δ),  ∂L/∂log α = w ⊗ (g ⊙ δ) ⊙ ∂z/∂log α, where
+    ∂z/∂log α = (ζ-γ)·s(1-s)/t = (z-γ)(ζ-z) / ((ζ-γ)·t) for 0 < z < 1 (s = (z-γ)/(ζ-γ)), else 0.
+    Oracle: tests/test_fast_path.py compares values and gradients with the plain chain.
+    """
+
+    recompute_on = {"cuda"}  # device types whose backward recomputes z instead of keeping it
+
+    @staticmethod
+    def forward(ctx, theta_pre, delta, weights, log_alpha, sampling: str, generator):
+        ctx.sampling, ctx.recompute = sampling, log_alpha.device.type in MergeExperts.recompute_on
+        replayed = ctx.recompute and sampling == "stochastic"
+        ctx.replay = (generator.device, generator.get_state()) if replayed else None  # before the draw
+        gates = GATES[sampling][0](log_alpha, generator)
+        mask = merge_masks(weights, gates)
+        ctx.save_for_backward(delta, weights, mask, log_alpha if ctx.recompute else gates)
+        ctx.mark_non_differentiable(gates)
+        return interpolate(theta_pre, delta, mask), gates
+
+    @staticmethod
+    def backward(ctx, grad_theta, _):
+        delta, weights, mask, gates = ctx.saved_tensors
+        gate_fn, temperature = GATES[ctx.sampling]
+        if ctx.recompute:  # `gates` holds log α: draw the same z again
+            replay = None if ctx.replay is None else torch.Generator(ctx.replay[0]).set_state(ctx.replay[1])
+            gates = gate_fn(gates, replay)
+        grad_mask = grad_theta * delta  # ∂L/∂(w @ z), P
+        grad_weights = gates @ grad_mask
+        # ∂z/∂log α from z itself, in place so that at most two M×P float tensors are alive
+        slope = torch.sub(ZETA + GAMMA, gates).mul_(gates).sub_(GAMMA * ZETA)  # (z-γ)(ζ-z)
+        slope.masked_fill_((gates <= 0) | (gates >= 1), 0.0)
+        del gates
+        grad_log_alpha = slope.mul_(weights[:, None] / ((ZETA - GAMMA) * temperature)).mul_(grad_mask)
+        return None, grad_theta * mask, grad_weights, grad_log_alpha, None, None
 
 
 # --- § 4 Expert router: a hypernetwork on support prototypes [SMAT §3.4] -------------------------
@@ -392,17 +475,31 @@ def inner_step(
 
 
 def dense_teacher(
-    features_of, theta: Tensor, prototypes: Tensor, query_images: Tensor, query_labels: Tensor, cfg: Config
+    features_of,
+    theta: Tensor,
+    prototypes: Tensor,
+    query_images: Tensor,
+    query_labels: Tensor,
+    cfg: Config,
+    student_loss: Tensor | None = None,
 ) -> Tensor:
     """θ^tr: K steps of plain GD on the query loss from sg(θ'), over all P parameters (dense, no mask).
 
-    Returns the teacher's query logits, detached [SMAT §3.8; official: SIE L643-666].
+    Returns the teacher's query logits, detached [SMAT §3.8; official: SIE L643-666]. `student_loss`,
+    the student's query CE at (θ', W'), is the teacher's first loss at the same point, so its graph
+    gives the first gradient without another forward pass (and is kept for the student's backward).
+    It must reach θ' only through the query features, as after the inner step: were θ' also under
+    W', the gradient would include that path, which the teacher (W' held fixed) must not.
     """
+    first = (theta, prototypes)
     theta, head = theta.detach(), prototypes.detach()
-    for _ in range(cfg.teacher_steps):
-        theta, head = theta.requires_grad_(), head.requires_grad_()
-        logits = cosine_logits(features_of(theta, query_images), head, cfg.cosine_scale)
-        grads = torch.autograd.grad(F.cross_entropy(logits, query_labels), [theta, head])
+    for step in range(cfg.teacher_steps):
+        if step == 0 and student_loss is not None:
+            grads = torch.autograd.grad(student_loss, first, retain_graph=True)
+        else:
+            theta, head = theta.requires_grad_(), head.requires_grad_()
+            logits = cosine_logits(features_of(theta, query_images), head, cfg.cosine_scale)
+            grads = torch.autograd.grad(F.cross_entropy(logits, query_labels), [theta, head])
         theta, head = theta.detach() - cfg.teacher_lr * grads[0], head.detach() - cfg.teacher_lr * grads[1]
     with torch.no_grad():
         return cosine_logits(features_of(theta, query_images), head, cfg.cosine_scale)
@@ -498,13 +595,12 @@ class SMAT(nn.Module):
             ones = torch.ones(1, device=self.delta.device)
             return self.theta_pre + self.delta, ones, ones * 0, None
         weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
-        if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
-            gates = test_gates(self.log_alpha)
-        elif self.cfg.mask_sampling == "stochastic":
-            gates = sample_gates(self.log_alpha, generator)
-        else:
-            gates = official_train_gates(self.log_alpha)
-        return interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights, logits, gates
+        # test time: Louizos+18's estimator, β = 1, in both sampling modes
+        sampling = "test" if generator is None else self.cfg.mask_sampling
+        # θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ as one op: autograd keeps at most z, not the chain's 3 M×P tensors
+        theta, gates = MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha, sampling,
+                                          generator)
+        return theta, weights, logits, gates
 
 
 @dataclass
@@ -542,34 +638,35 @@ def meta_train_step(
         pre_logits = cosine_logits(pre[n_support:], pre_prototypes, cfg.cosine_scale)
     # 2) Router -> merging weights w; sampled gates z; task model θ_i = θ_pre + (Σ w_m z_m) ⊙ δ.
     theta, weights, router_logits, gates = model.task_parameters(pre_prototypes, generator)
+    sparsity = hard_sparsity(gates) if cfg.uses_masks else torch.zeros(cfg.n_experts, device=theta.device)
+    del gates  # M×P, and nothing below needs it: keep it out of the step's peak memory
     # 3) Prototype head from θ_i, then one first-order GD step on the support set.
     support_features = model.features(theta, support_images)
     prototypes = class_prototypes(support_features, support_labels, n_way)
     if cfg.inner_step:
         theta, prototypes = inner_step(theta, prototypes, support_features, support_labels, cfg)
-    # 4) Student query loss.
+    # 4) Student query loss; its graph also gives the teacher's first gradient (same point, same loss).
     query_logits = cosine_logits(model.features(theta, query_images), prototypes, cfg.cosine_scale)
     ce = F.cross_entropy(query_logits, query_labels)
     loss, terms = ce, {"ce": ce.detach()}
     # 5) Dense teacher and distillation: L = (1-κ)·CE + κ·KD.
     if cfg.teacher:
-        teacher_logits = dense_teacher(model.features, theta, prototypes, query_images, query_labels, cfg)
+        reuse = ce if cfg.inner_step else None  # without the inner step θ_i is under W as well
+        teacher_logits = dense_teacher(model.features, theta, prototypes, query_images, query_labels, cfg, reuse)
         distill = distillation(query_logits, teacher_logits, cfg.distill_temperature, cfg.distill_direction)
         if cfg.kl_to_pretrained:
             distill = distill + distillation(query_logits, pre_logits, cfg.distill_temperature, cfg.distill_direction)
         loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * distill
         terms |= {"distill": distill.detach(), "teacher_accuracy": _accuracy(teacher_logits, query_labels)}
     # 6) Lagrangian sparsity constraint, weighted by this task's w, and the router-logit penalty.
-    sparsity = torch.zeros(cfg.n_experts, device=theta.device)
-    if gates is not None:
-        sparsity = hard_sparsity(gates.detach())
+    if cfg.uses_masks:
         penalty = sparsity_penalty(weights, model.multipliers, expected_density(model.log_alpha), cfg.sparsity)
         router_penalty = cfg.router_logit_penalty * router_logits.pow(2).mean()
         loss = loss + penalty + router_penalty
         terms |= {"sparsity_penalty": penalty.detach(), "router_penalty": router_penalty.detach()}
     terms |= {"loss": loss.detach(), "accuracy": _accuracy(query_logits, query_labels),
               "pretrained_accuracy": _accuracy(pre_logits, query_labels)}
-    violation = weights.detach() * (cfg.sparsity - sparsity) if gates is not None else sparsity
+    violation = weights.detach() * (cfg.sparsity - sparsity) if cfg.uses_masks else sparsity
     return StepOutput(loss, terms, weights.detach(), sparsity, violation)
 
 

@@ -201,7 +201,7 @@ def test_router_weights_are_nonnegative_and_sum_to_one(seed, n_way, sample):
 
 
 def test_router_temperature_follows_the_official_schedule():
-    cfg = Config()
+    cfg = Config.paper()
     for n in [0, 2_000, 10_000, 18_000, 40_000]:
         temperature = smat.router_temperature(cfg, torch.tensor(n))
 
