@@ -856,6 +856,9 @@ def folder_sources(root: Path, split: Split | None = None, seed: int = 0) -> lis
         if empty:  # a class that silently vanished would change the class split and the episodes
             raise DataError(f"class folder {domain / empty[0]} has no images; add images with suffixes "
                             f"{', '.join(IMAGE_SUFFIXES)} or remove the folder")
+        zero = next((path for paths in files.values() for path in paths if path.stat().st_size == 0), None)
+        if zero is not None:  # caught here, before a run directory exists, not at its first episode
+            raise DataError(f"image file {zero} is empty; remove it or replace it with a valid image")
         chosen = _class_partition(sorted(files), split or "id", seed, domain.name, domain / "splits.json")
         partitions = {p: [files[name] for name in chosen[p]] for p in PARTITIONS}
         sources.append(ImageListSource(domain.name, split or "id", partitions, _open_image))
