@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/results}
 JOBS=${JOBS:-2}
+PYTHON=${PYTHON:-python}
 TEST_EPISODES=${TEST_EPISODES:-600}
 SWEEP_EPISODES=${SWEEP_EPISODES:-200}
 FINETUNE_EPISODES=${FINETUNE_EPISODES:-20}
@@ -21,9 +22,9 @@ mkdir -p "$OUT"
 train() {  # train NAME FLAGS...: one run, skipped when its checkpoint exists (rerunning resumes the script)
   local name=$1; shift
   [ -f "$OUT/$name/checkpoint.pt" ] && return 0
-  python train.py --out "$OUT/$name" --no-evaluate --no-check-shapes "$@" > "$OUT/$name.log" 2>&1
+  "$PYTHON" train.py --out "$OUT/$name" --no-evaluate --no-check-shapes "$@" > "$OUT/$name.log" 2>&1
 }
-export -f train; export OUT
+export -f train; export OUT PYTHON
 
 # The first run pretrains the tiny ViT (cached); every other run reuses it.
 train smat-s0.9 --sparsity 0.9 --experts 8
@@ -38,7 +39,7 @@ train smat-s0.9 --sparsity 0.9 --experts 8
 
 evaluate() {  # evaluate TAG EPISODES RUNS... -> $OUT/TAG.log (the table) and results in each run dir
   local tag=$1 episodes=$2; shift 2
-  python evaluate.py "$@" --episodes "$episodes" > "$OUT/$tag.log" 2>&1
+  "$PYTHON" evaluate.py "$@" --episodes "$episodes" > "$OUT/$tag.log" 2>&1
 }
 evaluate main "$TEST_EPISODES" "$OUT/pmf" "$OUT/smat-s0.9" --plots --cost
 mkdir -p docs/img
