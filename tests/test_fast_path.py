@@ -1,10 +1,11 @@
 """The fast paths of smat.py against the plain code they replace: values and gradients must agree.
 
-Fast paths: MergeExperts (the merge θ = θ_pre + (w @ z) ⊙ δ as one op that recomputes the gates z
-in backward) and the teacher's first gradient taken from the student's graph (dense_teacher's
-`student_loss`). The plain path is the chain of public functions interpolate(merge_masks(w,
-GATES[...](log α))) and a teacher that runs its own forward pass. CUDA-only checks skip on CPU; the
-GPU session runs them through benchmarks/gpu_check.sh.
+Fast paths: MergeExperts (the merge θ = θ_pre + (w @ z) ⊙ δ as one op whose backward keeps z, or on
+CUDA recomputes it; both paths are tested on CPU), expected_density's recomputing backward, and the
+teacher's first gradient taken from the student's graph (dense_teacher's `student_loss`). The plain
+path is the chain of public functions interpolate(merge_masks(w, GATES[...](log α))), the closed-form
+density, and a teacher that runs its own forward pass. CUDA-only checks skip on CPU; the GPU session
+runs them through benchmarks/gpu_check.sh.
 """
 
 import math
