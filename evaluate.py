@@ -132,10 +132,12 @@ def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseli
     """Query accuracy of every episode and the sum of the router weights, left on the device (no
     per-episode host sync)."""
     accuracies, weights = [], torch.zeros((), device=device)
+    # the test gates do not depend on the task: computed once, not once per episode
+    gates = smat.test_gates(model.log_alpha) if model.cfg.uses_masks and baseline == "model" else None
     for index, episode in enumerate(episodes):
         n_way = episode.n_way  # read on the host, before the copy to the device
         logits, w = episode_logits(model, episode.to(device), n_way, finetune, lr, baseline, steps,
-                                   seed=seed * 1_000_003 + index)
+                                   seed=seed * 1_000_003 + index, gates=gates)
         accuracies.append((logits.argmax(-1) == episode.query_labels.to(device)).float().mean())
         weights = weights + w
         if progress is not None:
@@ -144,31 +146,17 @@ def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseli
 
 
 def episode_logits(model: SMAT, episode: Episode, n_way: int, finetune: FinetuneMode, lr: float,
-                   baseline: str, steps: int, seed: int) -> tuple[Tensor, Tensor]:
+                   baseline: str, steps: int, seed: int, gates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(query logits, router weights) of one episode: zero-shot, or fine-tuned when lr > 0."""
     if finetune == "none" or lr == 0:  # lr 0 is "no fine-tuning" [official hps search]
         out = smat.predict(model, episode.support_images, episode.support_labels, episode.query_images, n_way,
-                           pretrained=baseline == "pretrained")
+                           pretrained=baseline == "pretrained", gates=gates)
         return out.logits, out.weights
     return finetune_logits(model, episode.support_images, episode.support_labels, episode.query_images, n_way,
-                           finetune, lr, steps, seed, pretrained=baseline == "pretrained")
+                           finetune, lr, steps, seed, pretrained=baseline == "pretrained", gates=gates)
 
 
 # --- § 2 Fine-tuning on the support set [SMAT §5.2] ------------------------------------------------
-
-
-@torch.no_grad()
-def task_model(model: SMAT, support_images: Tensor, support_labels: Tensor, n_way: int,
-               pretrained: bool = False) -> tuple[Tensor, Tensor]:
-    """(θ_i, router weights) exactly as smat.predict builds them: router on θ_pre's prototypes."""
-    if pretrained:
-        return model.theta_pre, torch.zeros(model.cfg.n_experts, device=model.theta_pre.device)
-    pre_prototypes = None
-    if model.cfg.uses_masks:
-        pre_support = model.features(model.theta_pre, support_images)
-        pre_prototypes = smat.class_prototypes(pre_support, support_labels, n_way)
-    theta, weights, _, _ = model.task_parameters(pre_prototypes)
-    return theta, weights
 
 
 @typechecked
@@ -235,6 +223,7 @@ def finetune_logits(
     steps: int = FINETUNE_STEPS,
     seed: int = 0,
     pretrained: bool = False,
+    gates: Tensor | None = None,
 ) -> tuple[Float[Tensor, "n_query n_way"], Float[Tensor, " n_experts"]]:
     """Fine-tune θ_i on the support set, then predict the queries [SMAT §5.2; official md_few_shot].
 
@@ -243,7 +232,7 @@ def finetune_logits(
     factors (lora, lr ×10). Returns the query logits after the last step and the router weights.
     """
     cfg, n_support = model.cfg, len(support_labels)
-    theta, weights = task_model(model, support_images, support_labels, n_way, pretrained)
+    theta, weights = smat.task_model(model, support_images, support_labels, n_way, pretrained, gates)
     generator = torch.Generator(device=support_images.device).manual_seed(seed)
     if mode == "full":
         theta = theta.clone().requires_grad_()
@@ -376,7 +365,7 @@ def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | Non
 
 
 def inference_cost(model: SMAT, episode: Episode, repeats: int = 20) -> dict:
-    """Median ms per episode of zero-shot SMAT (router + merge + forward) and of a plain ProtoNet on
+    """Median ms per episode of zero-shot SMAT (θ_pre support pass + router + merge + forward) and of a plain ProtoNet on
     an ordinary nn.Module copy of the same backbone (θ_pre), on the model's device. Shape checks are
     off while timing: they cost per call, not per FLOP, and would favour the plain ProtoNet."""
     device = model.theta_pre.device
@@ -388,9 +377,12 @@ def inference_cost(model: SMAT, episode: Episode, repeats: int = 20) -> dict:
         prototypes = smat.class_prototypes(features[:n_support], episode.support_labels, n_way)
         return smat.cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale)
 
+    # as in evaluate_model: the test gates belong to the trained model, computed once for all episodes
+    gates = smat.test_gates(model.log_alpha) if model.cfg.uses_masks else None
+
     def method() -> Tensor:
         xs, ys, xq = episode.support_images, episode.support_labels, episode.query_images
-        return smat.predict(model, xs, ys, xq, n_way).logits
+        return smat.predict(model, xs, ys, xq, n_way, gates=gates).logits
 
     def median_ms(fn: Callable[[], Tensor]) -> float:
         times = []

@@ -588,18 +588,23 @@ class SMAT(nn.Module):
         return functional_call(self.architecture, self.layout.unflatten(theta), (images,))
 
     def task_parameters(
-        self, pre_prototypes: Tensor, generator: torch.Generator | None = None
+        self, pre_prototypes: Tensor, generator: torch.Generator | None = None, gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """θ_i from the router and the experts: returns (θ_i, w, router logits a, gates z or None)."""
+        """θ_i from the router and the experts: returns (θ_i, w, router logits a, gates z or None).
+
+        A generator means training (sampled gates); without one, the deterministic test gates, which
+        `gates` may pass in precomputed (they do not depend on the task).
+        """
         if not self.cfg.uses_masks:  # PMF: one dense expert, θ_i = θ_pre + δ
             ones = torch.ones(1, device=self.delta.device)
             return self.theta_pre + self.delta, ones, ones * 0, None
         weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
-        # test time: Louizos+18's estimator, β = 1, in both sampling modes
-        sampling = "test" if generator is None else self.cfg.mask_sampling
+        if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
+            gates = test_gates(self.log_alpha) if gates is None else gates
+            return interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights, logits, gates
         # θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ as one op: autograd keeps at most z, not the chain's 3 M×P tensors
-        theta, gates = MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha, sampling,
-                                          generator)
+        theta, gates = MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha,
+                                          self.cfg.mask_sampling, generator)
         return theta, weights, logits, gates
 
 
@@ -680,6 +685,25 @@ class Prediction:
     weights: Tensor  # the router's merging weights for this task, n_experts
 
 
+@torch.no_grad()
+def task_model(
+    model: SMAT, support_images: Tensor, support_labels: Tensor, n_way: int, pretrained: bool = False,
+    gates: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(θ_i, w) for meta-testing: the router on θ_pre's support prototypes, then the test gates.
+
+    `pretrained=True` gives θ_pre itself (the "Pre" baseline); `gates` may hold test_gates(log α),
+    computed once for many episodes.
+    """
+    if pretrained:
+        return model.theta_pre, torch.zeros(model.cfg.n_experts, device=support_images.device)
+    pre_prototypes = None
+    if model.cfg.uses_masks:
+        pre_prototypes = class_prototypes(model.features(model.theta_pre, support_images), support_labels, n_way)
+    theta, weights, _, _ = model.task_parameters(pre_prototypes, gates=gates)
+    return theta, weights
+
+
 @typechecked
 @torch.no_grad()
 def predict(
@@ -689,18 +713,14 @@ def predict(
     query_images: Float[Tensor, "n_query channels height width"],
     n_way: int,
     pretrained: bool = False,
+    gates: Tensor | None = None,
 ) -> Prediction:
     """Zero-shot meta-testing [SMAT §5.1]: router (deterministic) -> test gates -> θ_i -> ProtoNet.
 
     No inner step, no teacher. `pretrained=True` is the "Pre" baseline: ProtoNet on θ_pre itself.
     """
     n_support = len(support_labels)
-    if pretrained:
-        theta, weights = model.theta_pre, torch.zeros(model.cfg.n_experts, device=support_images.device)
-    else:
-        pre_support = model.features(model.theta_pre, support_images) if model.cfg.uses_masks else None
-        pre_prototypes = class_prototypes(pre_support, support_labels, n_way) if pre_support is not None else None
-        theta, weights, _, _ = model.task_parameters(pre_prototypes)
+    theta, weights = task_model(model, support_images, support_labels, n_way, pretrained, gates)
     features = model.features(theta, torch.cat([support_images, query_images]))
     prototypes = class_prototypes(features[:n_support], support_labels, n_way)
     return Prediction(cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale), weights)

@@ -91,9 +91,9 @@ def test_the_same_seed_gives_every_method_the_same_episodes_and_numbers(monkeypa
     seen = []
     predict = smat.predict
 
-    def recording_predict(model, xs, ys, xq, n_way, pretrained=False):
+    def recording_predict(model, xs, ys, xq, n_way, pretrained=False, gates=None):
         seen.append((pretrained, xs.sum().item(), xq.sum().item(), ys.tolist()))
-        return predict(model, xs, ys, xq, n_way, pretrained)
+        return predict(model, xs, ys, xq, n_way, pretrained, gates)
 
     monkeypatch.setattr(smat, "predict", recording_predict)
     model = make_model()

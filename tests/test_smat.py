@@ -435,3 +435,14 @@ def test_meta_update_clamps_log_alpha_to_its_bounds():
     smat.MetaOptimizer(model).step(1.0, torch.zeros(4), torch.zeros(4))
 
     assert model.log_alpha.abs().max().item() == pytest.approx(model.cfg.log_alpha_bound)
+
+
+def test_precomputed_test_gates_give_the_same_prediction():
+    model = make_model(0)
+    with torch.no_grad():
+        model.delta.normal_()
+    xs, ys, xq, _, n_way = make_episode(3)
+
+    cached = smat.predict(model, xs, ys, xq, n_way, gates=smat.test_gates(model.log_alpha))
+
+    torch.testing.assert_close(cached.logits, smat.predict(model, xs, ys, xq, n_way).logits)
