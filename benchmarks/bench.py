@@ -31,6 +31,7 @@ import argparse
 import datetime
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -204,13 +205,19 @@ class PredictWorkload(StepWorkload):
     def __init__(self, smat_module, model, episode, autocast, device, pretrained: bool) -> None:
         super().__init__(smat_module, model, episode, autocast, device)
         self.pretrained = pretrained
+        # as evaluate.py does: the test gates depend only on log α, so they are computed once per
+        # evaluation, not per episode (older smat.py versions given by --baseline lack the argument)
+        self.cached = {}
+        if not pretrained and model.cfg.uses_masks and "gates" in inspect.signature(smat_module.predict).parameters:
+            with torch.no_grad():
+                self.cached = {"gates": smat_module.test_gates(model.log_alpha)}
 
     def meta_batch(self) -> None:
         e = self.episode
         for _ in range(self.model.cfg.meta_batch):
             with self.autocast():
                 self.smat.predict(self.model, e.support_images, e.support_labels, e.query_images, e.n_way,
-                                  pretrained=self.pretrained)
+                                  pretrained=self.pretrained, **self.cached)
 
 
 class FwdBwdWorkload:
