@@ -95,12 +95,10 @@ def read_config(run_dir: Path) -> Config:
     return config_from_dict(values)
 
 
-def build_model(cfg: Config, backbone_spec: dict, backbone_state: dict | None = None) -> SMAT:
-    """The SMAT module for `cfg` on a ViT of `backbone_spec`; θ_pre from `backbone_state` if given."""
-    vit = backbones.VisionTransformer(backbones.ViTSpec(**backbone_spec))
-    if backbone_state is not None:
-        vit.load_state_dict(backbone_state)
-    return SMAT(vit, cfg)
+def build_model(cfg: Config, backbone_spec: dict) -> SMAT:
+    """The SMAT module for `cfg` on a ViT of `backbone_spec`, ready for a checkpoint's state dict
+    (which holds θ_pre, so the ViT's own random weights are overwritten)."""
+    return SMAT(backbones.VisionTransformer(backbones.ViTSpec(**backbone_spec)), cfg)
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["best", "last"] = "best"):
