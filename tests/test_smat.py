@@ -387,7 +387,8 @@ def test_a_fresh_model_predicts_like_the_pretrained_backbone():
 
 
 def test_a_few_hundred_steps_lower_the_query_loss_and_move_sparsity_towards_the_target():
-    model = make_model(0, sparsity=0.6, mask_lr=20.0, multiplier_lr=1.0, delta_lr=0.05,
+    # mask lr scaled to this tiny P (6.7 k parameters; the official 1e6 is for ViT-S's 21.7 M)
+    model = make_model(0, sparsity=0.6, mask_lr=3000.0, multiplier_lr=1.0, delta_lr=0.05,
                        router_anneal_tasks=400)
     optimizer = smat.MetaOptimizer(model)
 
@@ -412,8 +413,8 @@ def test_a_few_hundred_steps_lower_the_query_loss_and_move_sparsity_towards_the_
     run(80, 10)
     loss_after, sparsity_after = run(10, 90)
 
-    assert loss_after < 0.8 * loss_before
-    assert (sparsity_after - 0.6).abs().mean() < (sparsity_before - 0.6).abs().mean()
+    assert loss_after < 0.8 * loss_before  # measured: 0.537 -> 0.311
+    assert (sparsity_before < 0.3).all() and ((sparsity_after - 0.6).abs() < 0.1).all()  # 0.19 -> 0.62
 
 
 # --- § 1 and § 8 configuration and meta-update ------------------------------------------------------
