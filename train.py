@@ -324,11 +324,14 @@ def meta_train(
         bad = [key for key, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never replace the last good checkpoint with a broken model
             raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (after the optimiser step); {last_good()}")
-        atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "backbone_spec": backbone_spec,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None, "step": step,
-                     "episode": step * cfg.meta_batch, "best_val": best_val, "best_episode": best_episode},
-                    out_dir / "checkpoint.pt")
+        atomic_save(snapshot() | {"optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict() if scaler else None}, out_dir / "checkpoint.pt")
+
+    def snapshot() -> dict:
+        """The model and where the run stands: all of best.pt, and checkpoint.pt without the optimiser."""
+        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "backbone_spec": backbone_spec,
+                "model": model.state_dict(), "step": step, "episode": step * cfg.meta_batch,
+                "best_val": best_val, "best_episode": best_episode}
 
     # 2) The loop: meta-batches of tasks, one optimiser step each [SMAT §3.10-3.11].
     mine = range(rank, cfg.meta_batch, world)  # this process's tasks within every meta-batch
@@ -384,10 +387,7 @@ def meta_train(
                     val = validate(model, id_sources, cfg, dev)
                     if val > best_val:
                         best_val, best_episode = val, episodes_done
-                        atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                                     "backbone_spec": backbone_spec, "model": model.state_dict(),
-                                     "step": step, "episode": episodes_done, "best_val": best_val,
-                                     "best_episode": best_episode}, out_dir / "best.pt")
+                        atomic_save(snapshot(), out_dir / "best.pt")
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps({"episode": episodes_done, "val_accuracy": val}) + "\n")
                     bar.update(task, description=f"{cfg.method} (val {val:.1f}%)")
