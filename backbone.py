@@ -5,9 +5,11 @@ SMAT starts from a frozen self-supervised ViT (DINO ViT-S/16, CLS feature after 
 [SMAT §1.3]. Parameter names and shapes equal DINO's / timm's, so official checkpoints load as they
 are and `torch.func.functional_call` can drive the model from one flat parameter vector (smat.py).
 Start at `VisionTransformer.forward`; `load_dino_weights` reads official checkpoints;
-`pretrain_supervised` trains the "tiny" CPU stand-in for DINO on the embedded benchmark.
+`load_shipped` reads the committed weights of the "tiny" CPU stand-in for DINO, which
+`pretrain_supervised` trained once on a corpus disjoint from the embedded benchmark (standin.py).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -297,6 +299,27 @@ def load_backbone(path: Path) -> tuple[VisionTransformer, dict]:
         raise BackboneError(f"{path} has an invalid spec {payload['spec']} ({error})") from None
     _load_checked(model, payload["state_dict"], str(path))
     return model, payload["meta"]
+
+
+# The committed stand-in for DINO: preset -> (file, SHA-256). Made once by `python standin.py`, which
+# prints the hash to paste here; the default run loads it instead of pretraining anything.
+SHIPPED_WEIGHTS: dict[str, tuple[Path, str]] = {
+    "tiny": (Path(__file__).resolve().parent / "weights" / "tiny.pt",
+             "62a61a7b93a5c6619712d799d1bcf94fe71763ed6fe2204e658860b3231a4ef6"),
+}
+
+
+def load_shipped(name: str) -> VisionTransformer:
+    """The committed weights of preset `name`, after checking the file's SHA-256."""
+    path, expected = SHIPPED_WEIGHTS[name]
+    if not path.is_file():
+        raise BackboneError(f"the shipped {name} weights {path} are missing; restore them with "
+                            f"`git checkout -- weights/` or rebuild them with `python standin.py`")
+    found = hashlib.sha256(path.read_bytes()).hexdigest()
+    if found != expected:
+        raise BackboneError(f"the shipped {name} weights {path} have SHA-256 {found[:12]}…, not the recorded "
+                            f"{expected[:12]}…; restore them with `git checkout -- weights/`")
+    return load_backbone(path)[0]
 
 
 # --- § 4 Supervised pretraining of the tiny stand-in for DINO ---

@@ -391,21 +391,6 @@ def test_episodes(source: Source, partition: Literal["val", "test"], protocol: P
 test_episodes.__test__ = False  # a library function, not a pytest test
 
 
-@typechecked
-def pretraining_data(sources: Sequence[Source], image_size: int) -> tuple[
-        Float[Tensor, "n channels height width"], Int[Tensor, " n"]]:
-    """Every image of the ID sources' TRAIN classes, test-transformed, with labels unique across
-    domains: the supervised pretraining set of the tiny ViT that stands in for DINO (DESIGN §4)."""
-    images, labels, offset = [], [], 0
-    for source in _id_sources(sources):
-        for cls, size in enumerate(source.class_sizes("train")):
-            loaded = source.load("train", cls, list(range(size)), image_size).float().div_(255)
-            images.append(_normalise(_test_transform(loaded, source.test_crop, image_size)))
-            labels.append(torch.full((size,), offset + cls, dtype=torch.int64))
-        offset += len(source.class_sizes("train"))
-    return torch.cat(images), torch.cat(labels)
-
-
 def default_cache_dir() -> Path:
     """$SMAT_CACHE if set, else ~/.cache/smat."""
     return Path(os.environ.get("SMAT_CACHE") or Path.home() / ".cache" / "smat")
@@ -656,7 +641,8 @@ def _chunks(render: Callable[..., np.ndarray], *per_image: np.ndarray, size: int
     return np.concatenate([render(*(a[i:i + size] for a in per_image)) for i in range(0, n, size)])
 
 
-# name -> (renderer, split). Five ID domains (pretraining + meta-training), three OOD (test only).
+# name -> (renderer, split). Five ID domains (meta-training), three OOD (test only). The stand-in
+# backbone never saw any of them: it is pretrained on standin.py's disjoint procedural corpus.
 EMBEDDED_DOMAINS: dict[str, tuple[Callable, Split]] = {
     "glyphs": (_glyphs, "id"),
     "gratings": (_gratings, "id"),

@@ -102,13 +102,21 @@ def evaluate_model(
         lrs, search = select_finetune_lr(model, sources, cfg, finetune, seed=seed, baseline=baseline,
                                          device=device, steps=finetune_steps)
     started, domains, protocol = time.perf_counter(), {}, train.protocol(cfg, "test")
+    # the test gates do not depend on the task: computed once, not once per episode
+    gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
+    density = 0.0
     for source in sources:
         tasks = data.test_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
-        accuracies, weights = _accuracies(model, tasks, finetune, lrs[source.name], baseline, finetune_steps,
-                                          seed, device, progress and partial(progress, source.name))
+        accuracies, weights, domain_density = _accuracies(model, tasks, finetune, lrs[source.name], baseline,
+                                                          finetune_steps, seed, device, gates,
+                                                          progress and partial(progress, source.name))
         mean, ci95 = confidence_interval(accuracies.cpu())
         domains[source.name] = {"split": source.split, "mean": mean, "ci95": ci95, "episodes": episodes,
-                                "router_weights": (weights / episodes).tolist()}
+                                "router_weights": (weights / episodes).tolist(),
+                                "accuracies": [round(a, 6) for a in accuracies.tolist()]}
+        if gates is not None:
+            domains[source.name]["task_update_density"] = domain_density.item() / episodes
+            density += domain_density.item() / episodes / len(sources)
         if finetune != "none":
             domains[source.name]["finetune_lr"] = lrs[source.name]
     results = {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
@@ -117,9 +125,21 @@ def evaluate_model(
                "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict()}
     if search is not None:
         results["finetune_lr_search"] = search
-    if model.cfg.uses_masks and baseline == "model":
+    if gates is not None:
         results["experts"] = {"kept_fraction": kept_fraction(model), "overlap": mask_overlap(model).tolist()}
+        results["sparsity"] = sparsity_report(gates, density, model.cfg.sparsity)
     return results
+
+
+def sparsity_report(gates: Tensor, task_update_density: float, target: float) -> dict:
+    """The sparsity of the model that was tested, from its deterministic test gates z (M × P):
+    each expert's fraction of exact zeros (the constraint's ŝ_m), the share of gates that are exactly
+    0 or 1 (how binary the masks are), and the density of the merged task mask Σ_m w_m z_m averaged
+    over the test episodes (the fraction of θ_pre one task actually changes)."""
+    binary = ((gates == 0) | (gates == 1)).sum() / gates.numel()
+    return {"per_expert": [round(s, 6) for s in smat.hard_sparsity(gates).tolist()],
+            "task_update_density": round(task_update_density, 6), "binary_fraction": round(binary.item(), 6),
+            "target": target}
 
 
 def _average(domains: dict, split: str) -> float | None:
@@ -128,21 +148,22 @@ def _average(domains: dict, split: str) -> float | None:
 
 
 def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseline: str, steps: int,
-                seed: int, device, progress: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
-    """Query accuracy of every episode and the sum of the router weights, left on the device (no
-    per-episode host sync)."""
-    accuracies, weights = [], torch.zeros((), device=device)
-    # the test gates do not depend on the task: computed once, not once per episode
-    gates = smat.test_gates(model.log_alpha) if model.cfg.uses_masks and baseline == "model" else None
+                seed: int, device, gates: Tensor | None = None,
+                progress: Callable[[], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Query accuracy of every episode, the sum of the router weights and the sum of the merged
+    masks' densities (0 without `gates`), left on the device (no per-episode host sync)."""
+    accuracies, weights, density = [], torch.zeros((), device=device), torch.zeros((), device=device)
     for index, episode in enumerate(episodes):
         n_way = episode.n_way  # read on the host, before the copy to the device
         logits, w = episode_logits(model, episode.to(device), n_way, finetune, lr, baseline, steps,
                                    seed=seed * 1_000_003 + index, gates=gates)
         accuracies.append((logits.argmax(-1) == episode.query_labels.to(device)).float().mean())
         weights = weights + w
+        if gates is not None:  # the fraction of parameters this task's update Σ_m w_m z_m touches
+            density = density + (smat.merge_masks(w, gates) != 0).sum() / gates.shape[-1]
         if progress is not None:
             progress()
-    return torch.stack(accuracies), weights
+    return torch.stack(accuracies), weights, density
 
 
 def episode_logits(model: SMAT, episode: Episode, n_way: int, finetune: FinetuneMode, lr: float,
@@ -277,8 +298,9 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
         if not source.class_sizes("val"):
             continue
         val = list(data.test_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
+        gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
         table[source.name] = [
-            _accuracies(model, val, finetune, lr, baseline, steps, seed, device)[0].mean().item() * 100
+            _accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
             for lr in candidates
         ]
     if not table:
@@ -301,29 +323,89 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
 # --- § 3 Tables and results files ------------------------------------------------------------------
 
 
-def _rows(results: list[dict]) -> list[list[str]]:
-    """Domain, split, then "mean ± ci" per result; the ID and OOD averages last."""
+def _per_episode(results: dict, domains: list[str]) -> Tensor:
+    """episodes × domains matrix of per-episode accuracies (fraction correct)."""
+    return torch.tensor([results["domains"][d]["accuracies"] for d in domains], dtype=torch.float64).T
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """a − b on the same test episodes, in accuracy points: per domain and for the ID and OOD
+    averages, the mean difference and the half-width of its paired 95% CI, 1.96·std(diff)/√n over
+    episodes. For an average, episode i's difference is averaged over the split's domains first (the
+    domains' episodes are drawn independently), so the CI is over n episode-averaged differences."""
+    same = ("seed", "partition", "protocol")
+    if any(a.get(k) != b.get(k) for k in same) or a["domains"].keys() != b["domains"].keys() or any(
+            a["domains"][d]["episodes"] != b["domains"][d]["episodes"] for d in a["domains"]):
+        raise EvaluateError("a paired difference needs the same episodes: the same domains, episode count, "
+                            "seed, partition and protocol in both results")
+    if any("accuracies" not in r["domains"][d] for r in (a, b) for d in a["domains"]):
+        raise EvaluateError("a paired difference needs per-episode accuracies; evaluate again with this version")
+    names = list(a["domains"])
+    diff = _per_episode(a, names) - _per_episode(b, names)  # episodes × domains
+    out = {"domains": {}, "id_avg": None, "ood_avg": None}
+    for j, name in enumerate(names):
+        mean, ci95 = confidence_interval(diff[:, j])
+        out["domains"][name] = {"split": a["domains"][name]["split"], "mean": mean, "ci95": ci95}
+    for split in ("id", "ood"):
+        columns = [j for j, name in enumerate(names) if a["domains"][name]["split"] == split]
+        if columns:
+            mean, ci95 = confidence_interval(diff[:, columns].mean(1))
+            out[f"{split}_avg"] = {"mean": mean, "ci95": ci95}
+    return out
+
+
+def average_runs(results: list[dict]) -> dict:
+    """The mean of several runs (e.g. seeds) evaluated on the same episodes, as one results dict:
+    episode i's accuracy is the mean of the runs' accuracies on episode i, so paired differences of
+    two averages compare methods on identical tasks. `runs` says how many were averaged."""
+    first, names = results[0], list(results[0]["domains"])
+    for other in results[1:]:
+        paired_difference(first, other)  # raises unless every run saw the same episodes
+    stacked = torch.stack([_per_episode(r, names) for r in results])  # runs × episodes × domains
+    mean = stacked.mean(0)
+    domains = {}
+    for j, name in enumerate(names):
+        centre, ci95 = confidence_interval(mean[:, j])
+        domains[name] = {"split": first["domains"][name]["split"], "mean": centre, "ci95": ci95,
+                         "episodes": first["domains"][name]["episodes"],
+                         "accuracies": [round(x, 6) for x in mean[:, j].tolist()],
+                         "run_means": [r["domains"][name]["mean"] for r in results]}
+    return {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
+            "method": first["method"], "finetune": first["finetune"], "partition": first["partition"],
+            "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)}
+
+
+def _cell(value: dict | None) -> str:
+    return f"{value['mean']:+.2f} ± {value['ci95']:.2f}" if value else "-"
+
+
+def _rows(results: list[dict], differences: list[dict] = ()) -> list[list[str]]:
+    """Domain, split, then "mean ± ci" per result and "±diff ± ci" per paired difference; the ID and
+    OOD averages last."""
     domains = list(dict.fromkeys(d for r in results for d in r["domains"]))
     rows = []
     for domain in domains:
         cells = [r["domains"].get(domain) for r in results]
         split = next(c["split"] for c in cells if c)
-        rows.append([domain, split] + [f"{c['mean']:.2f} ± {c['ci95']:.2f}" if c else "-" for c in cells])
+        rows.append([domain, split] + [f"{c['mean']:.2f} ± {c['ci95']:.2f}" if c else "-" for c in cells]
+                    + [_cell(d["domains"].get(domain)) for d in differences])
     for key, label in (("id_avg", "ID avg"), ("ood_avg", "OOD avg")):
-        rows.append([label, ""] + [f"{r[key]:.2f}" if r[key] is not None else "-" for r in results])
+        rows.append([label, ""] + [f"{r[key]:.2f}" if r[key] is not None else "-" for r in results]
+                    + [_cell(d[key]) for d in differences])
     return rows
 
 
-def compare(results: list[dict], names: list[str]) -> Table:
-    """One rich table: a row per domain, a column per result (accuracy % ± 95% CI)."""
-    first = results[0]
+def compare(results: list[dict], names: list[str], differences: dict[str, dict] | None = None) -> Table:
+    """One rich table: a row per domain, a column per result (accuracy % ± 95% CI), then a column per
+    paired difference (points ± paired 95% CI)."""
+    first, differences = results[0], differences or {}
     episodes = next(iter(first["domains"].values()))["episodes"]
     mode = "zero-shot" if first["finetune"] == "none" else f"fine-tuned ({first['finetune']})"
     table = Table(title=f"{mode} accuracy % ± 95% CI, {_describe(first['protocol'])}, "
                         f"{episodes} episodes per domain, seed {first['seed']}")
-    for column in ["domain", "split", *names]:
+    for column in ["domain", "split", *names, *differences]:
         table.add_column(column, justify="left" if column in ("domain", "split") else "right")
-    rows = _rows(results)
+    rows = _rows(results, list(differences.values()))
     for i, row in enumerate(rows):
         table.add_row(*row, end_section=i == len(rows) - 3)
     return table
@@ -335,24 +417,57 @@ def _describe(protocol: dict) -> str:
     return f"{protocol['ways']}-way {protocol['shots']}-shot {protocol['queries']}-query"
 
 
-def print_table(results: list[dict], names: list[str], console: Console | None = None) -> None:
-    (console or Console()).print(compare(results, names))
+def sparsity_line(results: dict) -> str:
+    """One line on the tested model's sparsity (results["sparsity"]), for tables and results.md."""
+    s = results["sparsity"]
+    per_expert = torch.tensor(s["per_expert"])
+    return (f"sparsity of the tested model (test gates, τ = {s['target']}): per expert {per_expert.mean():.3f} "
+            f"(min {per_expert.min():.3f}, max {per_expert.max():.3f}); gates exactly 0 or 1: "
+            f"{s['binary_fraction']:.1%}; parameters one task's update Σ w_m z_m touches: "
+            f"{s['task_update_density']:.1%}")
 
 
-def markdown_table(results: list[dict], names: list[str]) -> str:
-    lines = ["| domain | split | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in _rows(results)]) + "\n"
+def print_table(results: list[dict], names: list[str], console: Console | None = None,
+                differences: dict[str, dict] | None = None) -> None:
+    console = console or Console()
+    console.print(compare(results, names, differences))
+    for name, result in zip(names, results):
+        if "sparsity" in result:
+            console.print(f"{name}: {sparsity_line(result)}")
+
+
+def markdown_table(results: list[dict], names: list[str], differences: dict[str, dict] | None = None) -> str:
+    differences = differences or {}
+    columns = names + list(differences)
+    lines = ["| domain | split | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    rows = _rows(results, list(differences.values()))
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def run_name(results: dict) -> str:
+    return results["method"] + ("" if results["finetune"] == "none" else f"+{results['finetune']}")
+
+
+def with_baselines(results: dict, baselines: dict[str, dict] | None) -> dict:
+    """`results` with {"baselines": {name: ...}} and {"paired": {"method − name": paired difference}}."""
+    if not baselines:
+        return results
+    paired = {f"{run_name(results)} − {name}": paired_difference(results, base) for name, base in baselines.items()}
+    return results | {"baselines": baselines, "paired": paired}
 
 
 def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | None = None) -> None:
     """results.json and results.md in `run_dir`, each written to a temporary file and renamed, so a
-    reader never sees half a file. `baselines` (e.g. {"Pre": ...}) join the json and the table."""
-    results = results | ({"baselines": baselines} if baselines else {})
-    names = [results["method"] + ("" if results["finetune"] == "none" else f"+{results['finetune']}")]
+    reader never sees half a file. `baselines` (e.g. {"Pre": ...}) join the json and the table, with
+    the paired difference of the run against each."""
+    results = with_baselines(results, baselines)
     extra = list((baselines or {}).items())
     text = (f"# Results: {Path(run_dir).name}\n\n{results['partition']} classes, "
-            f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}\n\n"
-            + markdown_table([results] + [r for _, r in extra], names + [n for n, _ in extra]))
+            f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}. "
+            f"Accuracy % ± 95% CI; differences in points ± paired 95% CI over the same episodes.\n\n"
+            + markdown_table([results] + [r for _, r in extra], [run_name(results)] + [n for n, _ in extra],
+                             results.get("paired"))
+            + (f"\n{sparsity_line(results)}\n" if "sparsity" in results else ""))
     files = {"results.json": json.dumps(results, indent=2) + "\n", "results.md": text}
     temporary = {name: Path(run_dir) / f".{name}.tmp{os.getpid()}" for name in files}
     for name, content in files.items():
@@ -478,16 +593,31 @@ def plot_mask_overlap(results: dict, path: Path) -> None:
     _heatmap(overlap, labels, labels, "mask overlap |a∧b| / |a∨b|", path)
 
 
-def plot_id_vs_ood(results: list[dict], labels: list[str], path: Path) -> None:
-    """ID average against OOD average, one labelled point per run (e.g. a sparsity sweep)."""
+def split_average(results: dict, split: str) -> tuple[float, float] | None:
+    """(mean, 95% CI half-width) of the split's average accuracy: episode i's accuracy averaged over
+    the split's domains, then the CI over episodes. None when the split has no domain."""
+    names = [d for d, v in results["domains"].items() if v["split"] == split]
+    if not names:
+        return None
+    return confidence_interval(_per_episode(results, names).mean(1))
+
+
+def plot_sparsity_sweep(sweep: dict[float, dict], path: Path) -> None:
+    """ID and OOD average accuracy (± 95% CI over episodes) against the target sparsity τ, one point
+    per τ; `sweep` maps τ to a results dict (one run, or average_runs of several seeds)."""
     plt = pyplot()
-    figure, axes = plt.subplots(figsize=(5, 4))
-    xs, ys = [r["id_avg"] for r in results], [r["ood_avg"] for r in results]
-    axes.plot(xs, ys, "o-", color="tab:blue")
-    for x, y, label in zip(xs, ys, labels):
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.set_xlabel("ID average accuracy %")
-    axes.set_ylabel("OOD average accuracy %")
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    taus = sorted(sweep)
+    for split, colour in (("id", "tab:blue"), ("ood", "tab:orange")):
+        points = [(tau, split_average(sweep[tau], split)) for tau in taus]
+        points = [(tau, value) for tau, value in points if value is not None]
+        if points:
+            axes.errorbar([t for t, _ in points], [v[0] for v in (p for _, p in points)],
+                          yerr=[v[1] for v in (p for _, p in points)], fmt="o-", capsize=3, color=colour,
+                          label=f"{split.upper()} average")
+    axes.set_xlabel("target sparsity τ")
+    axes.set_ylabel("accuracy % (± 95% CI over episodes)")
+    axes.legend(fontsize=8)
     _save(figure, path)
 
 
@@ -512,24 +642,27 @@ def main(
     finetune_lr: Annotated[Optional[float], typer.Option(help="fixed fine-tuning lr (default: chosen on val)")] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add Pre (θ_pre + ProtoNet)")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="PNG pictures in each run directory")] = False,
-    sweep_plot: Annotated[Optional[Path], typer.Option(help="write the ID-vs-OOD picture of all runs here")] = None,
+    sweep_plot: Annotated[Optional[Path], typer.Option(help="write ID and OOD accuracy against τ of all runs here")] = None,
     cost: Annotated[bool, typer.Option("--cost/--no-cost", help="time zero-shot SMAT against ProtoNet")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="write OUT/<run name>/results.* instead of into each run")] = None,
 ) -> None:
     """Meta-test runs on the same seeded ID and OOD episodes; write results.json / results.md."""
     try:
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
-                cost, device)
+                cost, device, out)
     except user_errors() as error:
         train.fail(" ".join(str(error).split()))
 
 
 def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot, cost,
-            device) -> None:
+            device, out: Path | None = None) -> None:
     """Load and check everything, evaluate every run, then write every file: bad input fails before
     any work, and an error anywhere leaves nothing written."""
     if finetune not in ("none", "full", "lora"):
         raise EvaluateError(f"--finetune {finetune!r} is not valid; use none, full or lora")
+    if out is not None and out.exists() and not out.is_dir():
+        raise EvaluateError(f"--out {out} is a file; pass a directory (created if missing)")
     if plots or sweep_plot:
         pyplot()
     if sweep_plot and not Path(sweep_plot).parent.is_dir():
@@ -565,20 +698,24 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
             model.cpu()
     names = [run_dir.name for run_dir, *_ in runs]
     console = Console()
-    print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console)
-    for i, ((run_dir, *_), result) in enumerate(zip(runs, results)):
-        write_results(run_dir, result, {pre_name: pre} if pre and i == 0 else None)
+    differences = {f"{name} − {pre_name}": paired_difference(result, pre)
+                   for name, result in zip(names, results)} if pre and len(results) <= 2 else None
+    print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
+    for (run_dir, *_), result in zip(runs, results):  # every run saw Pre's episodes: each keeps it
+        target = run_dir if out is None else out / run_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        write_results(target, result, {pre_name: pre} if pre else None)
         if plots:
-            plot_router_weights(result, run_dir / "router_weights.png")
+            plot_router_weights(result, target / "router_weights.png")
             if "experts" in result:
-                plot_kept_fraction(result, run_dir / "kept_fraction.png")
-                plot_mask_overlap(result, run_dir / "mask_overlap.png")
+                plot_kept_fraction(result, target / "kept_fraction.png")
+                plot_mask_overlap(result, target / "mask_overlap.png")
         if "inference_cost" in result:
             c = result["inference_cost"]
             console.print(f"{run_dir.name}: zero-shot {c['smat_ms']:.1f} ms vs ProtoNet "
                           f"{c['protonet_ms']:.1f} ms per episode ({c['ratio']:.2f}x, {c['device']})")
     if sweep_plot:
-        plot_id_vs_ood(results, names, sweep_plot)
+        plot_sparsity_sweep({cfg.sparsity: result for (_, _, cfg, _), result in zip(runs, results)}, sweep_plot)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ class Config:
     mask_init_std: float = 0.5  # log α ~ N(0, 0.5²) [official: SIE L127-128]
     log_alpha_bound: float = math.log(100.0)  # log α clamped to ±4.605 [official: SIE L352-354]
     mask_sampling: Literal["stochastic", "official"] = "stochastic"  # §2; official = noise-free, β=1 at test
+    # NOTE: which gates the constraint ŝ_m ≥ τ counts: "test" = the deterministic gates the evaluated
+    # model uses (default), "sampled" = the training sample, as the paper and the official code.
+    constraint_gates: Literal["test", "sampled"] = "test"
     router_tokens: int = 4  # learnable "skill" tokens appended to the prototypes [official: SIE L97]
     router_heads: int = 4  # heads of the router's attention block [official: SIE L98-100]
     router_mlp_ratio: float = 2.0
@@ -88,7 +91,8 @@ class Config:
     delta_weight_decay: float = 1e-4  # decays θ_i towards θ_pre, since θ_i - θ_pre ∝ δ
     mask_lr: float = 1e6  # huge on purpose: sign-like jumps make masks quasi-binary [official: yaml]
     mask_clip: float = 5.0  # global grad-norm clip on log α [official: max_grad_norm]
-    multiplier_lr: float = 0.1  # η_λ, dual ascent step; official 2e-3 [official: outer_lr.lagrangian_lr]
+    # η_λ, the dual ascent step, constant over the run: NOTE the official scheduler also anneals it
+    multiplier_lr: float = 0.1  # official 2e-3 [official: outer_lr.lagrangian_lr]
     router_lr: float = 1e-3  # AdamW; official 1e-4 [official: trainer L121]
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
@@ -110,10 +114,6 @@ class Config:
     checkpoint_every: int = 100  # episodes between resumable checkpoints
     val_episodes: int = 60  # per ID domain
     test_episodes: int = 600  # per domain [official: nTestEpisode]
-    pretrain_epochs: int = 25  # supervised pretraining of the tiny stand-in for DINO (CPU profile only)
-    pretrain_batch_size: int = 64
-    pretrain_lr: float = 2e-3
-    pretrain_weight_decay: float = 0.05
     seed: int = 0
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs in fp32
 
@@ -135,12 +135,22 @@ class Config:
             (min(self.train_queries, self.test_queries) >= 1, "queries", min(self.train_queries, self.test_queries), ">= 1"),
             (self.val_episodes >= 2, "val_episodes", self.val_episodes, "an integer >= 2"),
             (self.test_episodes >= 2, "test_episodes", self.test_episodes, "an integer >= 2"),
+            (self.constraint_gates in ("test", "sampled"), "constraint_gates", self.constraint_gates,
+             "test or sampled"),
+            (self.mask_sampling in ("stochastic", "official"), "mask_sampling", self.mask_sampling,
+             "stochastic or official"),
             (self.val_every >= 1 and self.checkpoint_every >= 1, "val_every/checkpoint_every",
              min(self.val_every, self.checkpoint_every), "an integer >= 1"),
         ]
         for holds, name, value, valid in checks:
             if not holds:
                 raise ConfigError(f"{name} = {value} is out of range; it must be {valid}")
+        reachable = max_sparsity(self)
+        if self.uses_masks and self.sparsity > reachable:
+            raise ConfigError(
+                f"sparsity = {self.sparsity} cannot be reached with mask_sampling {self.mask_sampling} and "
+                f"constraint_gates {self.constraint_gates} (at most {reachable:.4f} with log α ≥ "
+                f"-{self.log_alpha_bound:.3f}); use a sparsity <= {math.floor(reachable * 1e4) / 1e4}")
 
     @property
     def uses_masks(self) -> bool:
@@ -256,6 +266,28 @@ class _ExpectedDensity(torch.autograd.Function):
         (log_alpha,) = ctx.saved_tensors
         s = torch.add(log_alpha, _ExpectedDensity.OFFSET).sigmoid_()
         return s.addcmul_(s, s, value=-1).mul_(grad[:, None] / log_alpha.shape[-1])  # σ' = σ(1-σ), over P
+
+
+def test_sparsity(log_alpha: Tensor) -> Tensor:
+    """ŝ_m of the deterministic test gates, without building them: test_gates(log α) = 0 exactly
+    where σ(log α)·(ζ-γ) + γ ≤ 0, i.e. log α ≤ log(-γ/ζ) = -2.398. (n_experts, n_params) -> n_experts."""
+    return (log_alpha <= math.log(-GAMMA / ZETA)).sum(dim=-1) / log_alpha.shape[-1]
+
+
+def max_sparsity(cfg: "Config") -> float:
+    """The largest ŝ the constraint can count, with every log α at its lower bound -B.
+
+    Test gates and the official noise-free training gates are exactly 0 below a threshold of log α
+    (-2.398 and β·log(-γ/ζ) = -1.599), so any τ < 1 is reachable when -B is below it. A stochastic
+    sample is 0 with probability 1 - σ(log α + 1.5986) < 1, so counted on samples ŝ ≤ σ(B - 1.5986),
+    0.9529 for B = log 100.
+    """
+    bound = cfg.log_alpha_bound
+    if cfg.constraint_gates == "test":
+        return 1.0 if -bound <= math.log(-GAMMA / ZETA) else 0.0
+    if cfg.mask_sampling == "official":
+        return 1.0 if -bound <= BETA * math.log(-GAMMA / ZETA) else 0.0
+    return 1.0 / (1.0 + math.exp(-(bound - _ExpectedDensity.OFFSET)))
 
 
 @typechecked
@@ -643,7 +675,9 @@ def meta_train_step(
         pre_logits = cosine_logits(pre[n_support:], pre_prototypes, cfg.cosine_scale)
     # 2) Router -> merging weights w; sampled gates z; task model θ_i = θ_pre + (Σ w_m z_m) ⊙ δ.
     theta, weights, router_logits, gates = model.task_parameters(pre_prototypes, generator)
-    sparsity = hard_sparsity(gates) if cfg.uses_masks else torch.zeros(cfg.n_experts, device=theta.device)
+    sparsity = torch.zeros(cfg.n_experts, device=theta.device)  # ŝ that the constraint counts [SMAT §3.9]
+    if cfg.uses_masks:  # NOTE: on the test gates by default, the gates of the model that is evaluated
+        sparsity = hard_sparsity(gates) if cfg.constraint_gates == "sampled" else test_sparsity(model.log_alpha)
     del gates  # M×P, and nothing below needs it: keep it out of the step's peak memory
     # 3) Prototype head from θ_i, then one first-order GD step on the support set.
     support_features = model.features(theta, support_images)
@@ -735,7 +769,8 @@ class MetaOptimizer:
     SGD (momentum 0.9, weight decay) on δ; plain SGD with a huge learning rate and grad-norm clip on
     log α, then the clamp to ±log 100 (so log α jumps between bounds and masks become quasi-binary);
     AdamW with clip 1 on the router; explicit dual ascent on λ. `lr_scale` is the schedule's factor
-    and multiplies every group, λ's included.
+    and multiplies every optimiser's lr, not the dual step η_λ (NOTE: the official scheduler anneals
+    it too, which left the constraint unmet at the end of short runs; docs/deviations.md).
     """
 
     def __init__(self, model: SMAT) -> None:
@@ -773,8 +808,8 @@ class MetaOptimizer:
         if cfg.uses_masks:
             with torch.no_grad():
                 model.log_alpha.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
-                model.multipliers.copy_(
-                    dual_ascent(model.multipliers, violation, sparsity, cfg.sparsity, cfg.multiplier_lr * lr_scale)
+                model.multipliers.copy_(  # η_λ is not annealed: the constraint must hold at the end
+                    dual_ascent(model.multipliers, violation, sparsity, cfg.sparsity, cfg.multiplier_lr)
                 )
 
     def state_dict(self) -> dict:

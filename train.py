@@ -9,7 +9,6 @@ processes. The method itself lives in smat.py; this file owns optimisers, device
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -124,61 +123,27 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
 # --- backbone: a pretrained stand-in for DINO, or DINO itself --------------------------------------
 
 
-def resolve_backbone(cfg: Config, sources: list, cache_dir: Path, device: torch.device, console: Console):
+def resolve_backbone(cfg: Config) -> backbones.VisionTransformer:
     """The frozen θ_pre, from `--backbone`:
 
-    - a preset name ("tiny"): pretrained supervised on the ID domains' train classes on first use and
-      cached (DESIGN §4); the stand-in for DINO on the embedded benchmark;
+    - "tiny": the committed stand-in for DINO (weights/tiny.pt), pretrained once on a procedural
+      corpus disjoint from every benchmark domain (standin.py, docs/benchmark.md);
     - "vit_small_patch16" / "vit_base_patch16": the official DINO weights (download), or
       "vit_small_patch16:PATH" for a local copy of them;
-    - a path to a file written by backbone.save_backbone (e.g. a cached pretrained tiny ViT).
+    - a path to a file written by backbone.save_backbone.
     """
     name, _, weights = cfg.backbone.partition(":")
     if name in backbones.PRESETS and name.startswith("vit_"):
         model = backbones.build_backbone(name)
         backbones.load_dino_weights(model, weights or "dino")
         return model
-    if name in backbones.PRESETS:
-        return pretrained_tiny(name, cfg, sources, cache_dir, device, console)
+    if name in backbones.SHIPPED_WEIGHTS and not weights:
+        return backbones.load_shipped(name)
     path = Path(cfg.backbone).expanduser()
     if not path.exists():
         valid = ", ".join(sorted(backbones.PRESETS))
         raise backbones.BackboneError(f"unknown backbone {cfg.backbone!r}; use one of {valid}, PRESET:WEIGHTS or a file")
     return backbones.load_backbone(path)[0]
-
-
-def pretrained_tiny(name: str, cfg: Config, sources: list, cache_dir: Path, device, console: Console):
-    id_names = ",".join(sorted(s.name for s in sources if s.split == "id"))
-    recipe = dict(epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
-                  weight_decay=cfg.pretrain_weight_decay)
-    key = f"{name}-{cfg.image_size}px-{cfg.data}-{id_names}-{sorted(recipe.items())}-seed{cfg.seed}"
-    path = cache_dir / f"backbone-{hash_text(key):016x}.pt"
-    if path.is_file():
-        try:
-            return backbones.load_backbone(path)[0]
-        except backbones.BackboneError:
-            console.print(f"[yellow]cached backbone {path} is unreadable; pretraining it again[/]")
-    images, labels = data.pretraining_data(sources, cfg.image_size)
-    torch.manual_seed(cfg.seed)
-    model = backbones.build_backbone(name)
-    with Progress(TextColumn("pretraining the tiny ViT"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("", total=None, stats="")
-
-        def progress(step: int, total: int, stats: dict) -> None:
-            bar.update(task, completed=step, total=total, stats=f"loss {stats.get('loss', float('nan')):.3f}")
-
-        history = backbones.pretrain_supervised(model, images, labels, seed=cfg.seed, device=device,
-                                                progress=progress, **recipe)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    backbones.save_backbone(model.cpu(), path, {"key": key, "history": history})
-    console.print(f"pretrained {name} ViT on {len(labels)} images → {path} "
-                  f"(train accuracy {history[-1]['accuracy']:.1%})")
-    return model
-
-
-def hash_text(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 # --- schedule and small helpers ------------------------------------------------------------------
@@ -291,14 +256,14 @@ def meta_train(
         model.load_state_dict(state["model"])
         backbone_spec = state["backbone_spec"]
     else:
-        vit = resolve_backbone(cfg, sources, cache_dir, dev, console) if main or world == 1 else None
-        if world > 1:  # rank 0 pretrains or downloads; the others take its weights
+        vit = resolve_backbone(cfg) if main or world == 1 else None
+        if world > 1:  # rank 0 reads or downloads the weights; the others take them from it
             box = [vit.state_dict() if main else None, dataclasses.asdict(vit.spec) if main else None]
             dist.broadcast_object_list(box, src=0)
             vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
             vit.load_state_dict(box[0])
         backbone_spec = dataclasses.asdict(vit.spec)
-        torch.manual_seed(cfg.seed)  # the same experts and router whether or not we pretrained
+        torch.manual_seed(cfg.seed)  # the same experts and router whatever loading the backbone drew
         model = SMAT(vit, cfg)
     model = model.to(dev)
     optimizer = smat.MetaOptimizer(model)
@@ -436,12 +401,16 @@ def validate(model: SMAT, id_sources: list, cfg: Config, device) -> float:
 
 
 def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> dict:
-    """Test on every ID and OOD domain with the best-on-validation model; write and print the table."""
+    """Test the best-on-validation model and the frozen backbone ("Pre") on the same episodes of every
+    ID and OOD domain; write results.json / results.md, then print both with their paired difference."""
     model, cfg, _ = load_run(out_dir, device)
-    results = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
-                                      seed=0, device=device)  # seed 0 as evaluate.py: every run, same episodes
-    evaluate.write_results(out_dir, results)
-    evaluate.print_table([results], [out_dir.name], console=console)
+    run = {}
+    for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
+        run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
+                                            seed=0, device=device, baseline=baseline)  # seed 0, as evaluate.py
+    evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
+    results = evaluate.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
+    evaluate.print_table([run["Pre"], run[cfg.method]], ["Pre", cfg.method], console, results["paired"])
     return results
 
 

@@ -1,12 +1,17 @@
-"""Markdown tables for docs/results.md from the output of benchmarks/reproduce_results.sh.
+"""Markdown tables (and the sparsity-sweep picture) of docs/results.md from benchmarks/reproduce_results.sh.
 
-    python benchmarks/results_tables.py runs/results
+    python benchmarks/results_tables.py runs/results [--plot docs/img/sparsity_sweep.png]
 
-Reads RUNS/<table>/<run>.json (one evaluate.py results file per run and table) and each run's
-metrics.jsonl (the hard sparsity its experts reached), and prints one markdown table per table.
+Every number is over the seeds found (seed-averaged per episode: episode i's accuracy is the mean of
+the seeds' accuracies on episode i, which all seeds share), and every difference is paired on those
+episodes: mean ± 1.96·std/√n over n episode differences (evaluate.paired_difference). Beside it, the
+spread over seeds: each seed's own difference of averages, and a t-interval over the seeds
+(t_{0.975, S-1}·sd/√S), which also carries the variation between meta-training runs.
 """
 
+import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,41 +19,109 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluate  # noqa: E402  (the repository root is on the path only now)
 
-TABLES = {  # table -> runs in column order ("Pre" is the pretrained baseline stored beside the first run)
-    "main": ["Pre", "pmf", "smat-s0.9"],
-    "sparsity": ["smat-s0.0", "smat-s0.5", "smat-s0.7", "smat-s0.9", "smat-s0.95"],
-    "experts": ["smat-e1", "smat-e4", "smat-e16"],
-    "ablations": ["pmf", "smat-no-teacher", "smat-no-kl", "smat-official-masks"],
-    "finetune": ["Pre+full", "pmf", "smat-s0.9"],
-}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
+SWEEP = (0.5, 0.7, 0.9, 0.95)
 
 
-def final_sparsity(run: Path) -> str:
-    """Mean hard sparsity of the experts at the last logged step, and its spread."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    last = [line for line in lines if "sparsity_mean" in line]
-    return f"{last[-1]['sparsity_mean']:.3f} ± {last[-1]['sparsity_std']:.3f}" if last else "dense"
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
-def table(root: Path, name: str) -> str:
-    results, names = [], []
-    for run in TABLES[name]:
-        if run.startswith("Pre"):
-            first = json.loads((root / name / f"{TABLES[name][1]}.json").read_text())
-            results.append(first["baselines"][run])
-        else:
-            results.append(json.loads((root / name / f"{run}.json").read_text()))
-        names.append(run)
-    text = evaluate.markdown_table(results, names)
-    sparsity = ["achieved sparsity", ""] + ["-" if n.startswith("Pre") else final_sparsity(root / n) for n in names]
-    first = results[0]
-    episodes = next(iter(first["domains"].values()))["episodes"]
-    return (f"{text}| {' | '.join(sparsity)} |\n\n{episodes} test episodes per domain, "
-            f"{evaluate._describe(first['protocol'])}, seed {first['seed']}, {first['finetune']} fine-tuning.\n")
+def seeds_of(root: Path, prefix: str) -> list[dict]:
+    """results.json of every finished seed of a run family, e.g. prefix "smat" -> smat-seed0, ..."""
+    found = sorted(root.glob(f"{prefix}-seed*/results.json"))
+    return [load(path) for path in found]
+
+
+def first(results: dict, n: int) -> dict:
+    """The same results on their first n episodes (episodes are shared prefixes across runs)."""
+    domains = {}
+    for name, d in results["domains"].items():
+        accuracies = d["accuracies"][:n]
+        mean, ci95 = evaluate.confidence_interval(evaluate.torch.tensor(accuracies))
+        domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
+    return results | {"domains": domains, "id_avg": evaluate._average(domains, "id"),
+                      "ood_avg": evaluate._average(domains, "ood")}
+
+
+def seed_interval(a: list[dict], b: list[dict], key: str) -> str:
+    """Per-seed differences of the averages (a_s − b_s), and their t-interval over seeds."""
+    differences = [x[key] - y[key] for x, y in zip(a, b) if x[key] is not None]
+    if not differences:
+        return "-"
+    cells = ", ".join(f"{d:+.2f}" for d in differences)
+    if len(differences) < 2:
+        return cells
+    half = T_975[len(differences) - 1] * statistics.stdev(differences) / len(differences) ** 0.5
+    return f"{statistics.fmean(differences):+.2f} ± {half:.2f} (seeds: {cells})"
+
+
+def comparison(pre: dict, pmf: list[dict], smat: list[dict], title: str) -> str:
+    """Pre, PMF, SMAT (seed means) per domain, and the paired differences."""
+    pmf_mean, smat_mean = evaluate.average_runs(pmf), evaluate.average_runs(smat)
+    differences = {"SMAT − PMF": evaluate.paired_difference(smat_mean, pmf_mean),
+                   "SMAT − Pre": evaluate.paired_difference(smat_mean, pre),
+                   "PMF − Pre": evaluate.paired_difference(pmf_mean, pre)}
+    names = ["Pre", f"PMF ({len(pmf)} seeds)", f"SMAT ({len(smat)} seeds)"]
+    text = f"#### {title}\n\n" + evaluate.markdown_table([pre, pmf_mean, smat_mean], names, differences)
+    rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
+            "|---|---:|---:|---:|"]
+    pres = [pre] * len(smat)
+    for key, label in (("id_avg", "ID"), ("ood_avg", "OOD")):
+        if smat_mean[key] is not None:
+            rows.append(f"| {label} | {seed_interval(smat, pmf, key)} | {seed_interval(smat, pres, key)} | "
+                        f"{seed_interval(pmf, pres, key)} |")
+    first_domain = next(iter(pre["domains"].values()))
+    return (text + "\n".join(rows) + f"\n\n{first_domain['episodes']} test episodes per domain, "
+            f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
+
+
+def sparsity_rows(runs: list[dict]) -> str:
+    """The tested models' sparsity, mean over seeds (and experts)."""
+    reports = [r["sparsity"] for r in runs]
+    per_expert = [s for report in reports for s in report["per_expert"]]
+    return (f"{statistics.fmean(per_expert):.3f} [{min(per_expert):.3f}, {max(per_expert):.3f}] | "
+            f"{statistics.fmean(r['binary_fraction'] for r in reports):.3f} | "
+            f"{statistics.fmean(r['task_update_density'] for r in reports):.3f}")
+
+
+def sweep(root: Path, episodes: int, plot: Path | None) -> str:
+    lines = ["| τ | seeds | ID avg ± CI | OOD avg ± CI | per-expert test sparsity [min, max] | "
+             "gates exactly 0/1 | task update density |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    points = {}
+    for tau in SWEEP:
+        runs = seeds_of(root, "smat" if tau == 0.9 else f"smat-s{tau}")
+        if not runs:
+            continue
+        mean = evaluate.average_runs([first(r, episodes) for r in runs])
+        points[tau] = mean
+        (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(mean, "id"), evaluate.split_average(mean, "ood")
+        lines.append(f"| {tau} | {len(runs)} | {id_mean:.2f} ± {id_ci:.2f} | {ood_mean:.2f} ± {ood_ci:.2f} | "
+                     f"{sparsity_rows(runs)} |")
+    if plot and points:
+        evaluate.plot_sparsity_sweep(points, plot)
+    return "\n".join(lines) + f"\n\nFirst {episodes} test episodes per domain of every run, seed-averaged.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, nargs="?", default=Path("runs/results"))
+    parser.add_argument("--sweep-episodes", type=int, default=200)
+    parser.add_argument("--plot", type=Path, default=None, help="write the sparsity-sweep picture here")
+    args = parser.parse_args()
+    root = args.root
+    pmf, smat = seeds_of(root, "pmf"), seeds_of(root, "smat")
+    pre = smat[0]["baselines"]["Pre"]
+    print(comparison(pre, pmf, smat, "Embedded benchmark, zero-shot"))
+    print("#### Sparsity of the tested models (best.pt of each run)\n")
+    print("| method | per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |\n"
+          "|---|---:|---:|---:|")
+    print(f"| SMAT τ = 0.9 | {sparsity_rows(smat)} |\n")
+    print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot))
+    glyph_pmf, glyph_smat = seeds_of(root / "glyphs", "pmf"), seeds_of(root / "glyphs", "smat")
+    if glyph_smat and glyph_pmf:
+        print(comparison(glyph_smat[0]["baselines"]["Pre"], glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results")
-    for name in TABLES:
-        if (root / name).is_dir():
-            print(f"### {name}\n\n{table(root, name)}")
+    main()

@@ -249,17 +249,6 @@ def test_test_episodes_are_deterministic_unaugmented_and_ood_aware(embedded):
     assert all(any(torch.allclose(img, s, atol=1e-5) for s in stored) for img in first[0].query_images)
 
 
-def test_pretraining_data_has_globally_unique_labels_from_id_train_classes_only(embedded):
-    _, sources = embedded
-
-    images, labels = data.pretraining_data(sources, image_size=32)
-
-    n_id = sum(s.split == "id" for s in sources)
-    n_train = data.split_counts(SMALL["n_classes"])[0]
-    assert labels.unique().tolist() == list(range(n_id * n_train))
-    assert images.shape == (n_id * n_train * SMALL["n_images"], 3, 32, 32)
-
-
 def test_too_many_ways_and_too_few_images_are_clear_data_errors(embedded):
     _, sources = embedded
 

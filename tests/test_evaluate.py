@@ -4,6 +4,7 @@ small in-memory domains the tests draw themselves."""
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 
@@ -272,6 +273,99 @@ def test_the_plain_protonet_copy_computes_the_pretrained_features_and_timing_res
     assert jaxtyping.config.jaxtyping_disable == checks  # shape checks back as they were
 
 
+# --- paired differences, averages over runs, the tested model's sparsity ----------------------------------
+
+
+def fake_results(accuracies: dict[str, list[float]], splits: dict[str, str], seed: int = 0) -> dict:
+    domains = {d: {"split": splits[d], "mean": 100 * sum(a) / len(a), "ci95": 0.0, "episodes": len(a),
+                   "accuracies": a} for d, a in accuracies.items()}
+    return {"domains": domains, "id_avg": None, "ood_avg": None, "method": "x", "finetune": "none",
+            "partition": "test", "seed": seed, "protocol": {"kind": "fixed"}}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 1000))
+def test_the_paired_difference_matches_a_slow_loop_over_episodes(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    splits = {"a": "id", "b": "id", "c": "ood"}
+    draw = lambda: {d: (torch.randint(0, 16, (n,), generator=g) / 15).tolist() for d in splits}  # noqa: E731
+    first, second = fake_results(draw(), splits), fake_results(draw(), splits)
+
+    paired = evaluate.paired_difference(first, second)
+
+    def slow(diffs):  # mean and 1.96·s/√n, written out
+        mean = sum(diffs) / len(diffs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1))
+        return 100 * mean, 100 * 1.96 * std / math.sqrt(len(diffs))
+
+    for d in splits:
+        mean, ci = slow([x - y for x, y in zip(first["domains"][d]["accuracies"], second["domains"][d]["accuracies"])])
+        assert paired["domains"][d]["mean"] == pytest.approx(mean, abs=1e-9)
+        assert paired["domains"][d]["ci95"] == pytest.approx(ci, abs=1e-9)
+    per_episode = [(first["domains"]["a"]["accuracies"][i] - second["domains"]["a"]["accuracies"][i]
+                    + first["domains"]["b"]["accuracies"][i] - second["domains"]["b"]["accuracies"][i]) / 2
+                   for i in range(n)]
+    mean, ci = slow(per_episode)
+    assert paired["id_avg"]["mean"] == pytest.approx(mean, abs=1e-9)
+    assert paired["id_avg"]["ci95"] == pytest.approx(ci, abs=1e-9)
+
+
+def test_a_paired_difference_refuses_results_from_different_episodes():
+    splits = {"a": "id"}
+    with pytest.raises(evaluate.EvaluateError, match="same episodes"):
+        evaluate.paired_difference(fake_results({"a": [0.5, 1.0]}, splits),
+                                   fake_results({"a": [0.5, 1.0]}, splits, seed=1))
+    with pytest.raises(evaluate.EvaluateError, match="same episodes"):
+        evaluate.paired_difference(fake_results({"a": [0.5, 1.0]}, splits), fake_results({"a": [0.5]}, splits))
+
+
+def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
+    splits = {"a": "id", "b": "ood"}
+    one = fake_results({"a": [1.0, 0.0, 0.5], "b": [0.2, 0.4, 0.6]}, splits)
+    two = fake_results({"a": [0.0, 0.0, 0.5], "b": [0.4, 0.4, 0.8]}, splits)
+
+    mean = evaluate.average_runs([one, two])
+
+    assert mean["domains"]["a"]["accuracies"] == [0.5, 0.0, 0.5]
+    assert mean["domains"]["b"]["accuracies"] == pytest.approx([0.3, 0.4, 0.7])
+    assert mean["domains"]["a"]["run_means"] == [50.0, pytest.approx(100 / 6)]
+    assert mean["id_avg"] == pytest.approx(100 / 3) and mean["runs"] == 2
+
+
+def test_the_split_average_ci_is_over_episode_averages_of_the_splits_domains():
+    results = fake_results({"a": [1.0, 0.0], "b": [0.0, 0.0], "c": [0.5, 0.5]}, {"a": "id", "b": "id", "c": "ood"})
+
+    (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(results, "id"), evaluate.split_average(results, "ood")
+
+    assert id_mean == pytest.approx(25.0) and id_ci == pytest.approx(1.96 * math.sqrt(2 * 25.0**2) / math.sqrt(2))
+    assert (ood_mean, ood_ci) == (pytest.approx(50.0), pytest.approx(0.0))
+
+
+def test_the_sparsity_report_counts_exact_zeros_exact_binaries_and_the_merged_density():
+    gates = torch.tensor([[0.0, 0.0, 1.0, 0.5], [0.0, 1.0, 0.0, 0.0]])
+
+    report = evaluate.sparsity_report(gates, task_update_density=0.75, target=0.5)
+
+    assert report["per_expert"] == [0.5, 0.75]
+    assert report["binary_fraction"] == 7 / 8
+    assert report["task_update_density"] == 0.75 and report["target"] == 0.5
+
+
+def test_the_task_update_density_is_the_share_of_parameters_the_merged_mask_touches():
+    model = make_model()
+    with torch.no_grad():  # expert 0 keeps the first half of θ, expert 1 nothing: every task, half of θ
+        half = model.layout.n_params // 2
+        model.log_alpha.fill_(-10.0)
+        model.log_alpha[0, :half] = 10.0
+
+    results = run(model)
+
+    assert results["sparsity"]["task_update_density"] == pytest.approx(half / model.layout.n_params)
+    assert results["sparsity"]["per_expert"] == [pytest.approx(1 - half / model.layout.n_params), 1.0]
+    assert results["sparsity"]["binary_fraction"] == 1.0
+    assert all(len(d["accuracies"]) == 4 for d in results["domains"].values())
+
+
 def test_kept_fraction_and_mask_overlap_match_hand_built_masks():
     model = make_model()
     n = model.layout.n_params
@@ -293,12 +387,11 @@ def test_kept_fraction_and_mask_overlap_match_hand_built_masks():
 
 def test_every_picture_is_written_as_a_png(tmp_path):
     results = run(episodes=2)
-    other = results | {"id_avg": 50.0, "ood_avg": 40.0}
 
     evaluate.plot_router_weights(results, tmp_path / "router.png")
     evaluate.plot_kept_fraction(results, tmp_path / "kept.png")
     evaluate.plot_mask_overlap(results, tmp_path / "overlap.png")
-    evaluate.plot_id_vs_ood([results, other], ["τ=0.9", "τ=0.5"], tmp_path / "sweep.png")
+    evaluate.plot_sparsity_sweep({0.9: results, 0.5: run(episodes=2, seed=1)}, tmp_path / "sweep.png")
 
     for name in ("router", "kept", "overlap", "sweep"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -337,14 +430,15 @@ def test_cli_evaluates_several_runs_into_one_table_and_writes_their_results(runs
     args = [str(runs / "smat-run"), str(runs / "pmf-run"), "--device", "cpu", "--plots",
             "--sweep-plot", str(runs / "sweep.png")]
 
-    result = CliRunner().invoke(evaluate.app, args)
+    result = CliRunner().invoke(evaluate.app, args, env={"COLUMNS": "250"})
 
     assert result.exit_code == 0, result.output
     assert "Pre" in result.stdout and "smat-run" in result.stdout and "pmf-run" in result.stdout
     smat_results = json.loads((runs / "smat-run" / "results.json").read_text())
     pmf_results = json.loads((runs / "pmf-run" / "results.json").read_text())
     assert smat_results["method"] == "smat" and "Pre" in smat_results["baselines"]
-    assert pmf_results["method"] == "pmf" and "baselines" not in pmf_results
+    assert pmf_results["method"] == "pmf" and pmf_results["baselines"]["Pre"] == smat_results["baselines"]["Pre"]
+    assert "smat-run − Pre" in result.stdout  # the paired difference column
     assert smat_results["domains"]["glyphs"]["episodes"] == 2  # the run's test_episodes
     assert (runs / "smat-run" / "mask_overlap.png").is_file() and (runs / "sweep.png").is_file()
     assert not (runs / "pmf-run" / "mask_overlap.png").exists()

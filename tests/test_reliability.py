@@ -9,7 +9,6 @@ so "nothing written" is checked on everything a command could touch.
 import ast
 import dataclasses
 import hashlib
-import io
 import os
 import random
 import shutil
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
@@ -438,18 +436,23 @@ def test_a_huge_learning_rate_stops_the_command_with_the_term_and_step_and_keeps
 # --- 5. corrupt caches ---------------------------------------------------------------------------------------
 
 
-def test_a_truncated_pretrained_backbone_cache_is_detected_and_pretrained_again(assets, tmp_path):
-    cfg = small_config(assets, pretrain_epochs=1, pretrain_batch_size=64)
-    sources = data.parse_data_spec(cfg.data, cfg.image_size)
-    console = Console(file=io.StringIO(), width=300)
-    first = train.pretrained_tiny("tiny", cfg, sources, tmp_path, torch.device("cpu"), console)
-    (path,) = tmp_path.glob("backbone-*.pt")
-    path.write_bytes(path.read_bytes()[:1000])
+def test_the_shipped_stand_in_weights_load_and_match_their_recorded_hash():
+    model = backbones.load_shipped("tiny")
 
-    again = train.pretrained_tiny("tiny", cfg, sources, tmp_path, torch.device("cpu"), console)
+    assert model.spec == backbones.PRESETS["tiny"]
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
-    assert "is unreadable; pretraining it again" in console.file.getvalue()
-    reloaded, _ = backbones.load_backbone(path)
-    for name, tensor in first.state_dict().items():
-        torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+@pytest.mark.parametrize("damage", ["missing", "changed"])
+def test_missing_or_changed_shipped_weights_are_one_line_naming_the_file(tmp_path, monkeypatch, damage):
+    path, expected = backbones.SHIPPED_WEIGHTS["tiny"]
+    copy = tmp_path / "tiny.pt"
+    if damage == "changed":
+        copy.write_bytes(path.read_bytes()[:-1] + b"x")
+    monkeypatch.setitem(backbones.SHIPPED_WEIGHTS, "tiny", (copy, expected))
+
+    with pytest.raises(backbones.BackboneError, match="shipped tiny weights .*tiny.pt") as error:
+        train.resolve_backbone(Config())
+
+    assert len(str(error.value).splitlines()) == 1
+    assert ("missing" if damage == "missing" else "SHA-256") in str(error.value)

@@ -102,6 +102,38 @@ def test_expected_density_increases_with_log_alpha():
     assert (density.diff() > 0).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 8.0))
+def test_test_sparsity_counts_the_exact_zeros_of_the_test_gates(seed, scale):
+    log_alpha = torch.randn(3, 400, generator=torch.Generator().manual_seed(seed)) * scale
+
+    assert torch.equal(smat.test_sparsity(log_alpha), smat.hard_sparsity(smat.test_gates(log_alpha)))
+
+
+def test_the_largest_reachable_sparsity_of_sampled_gates_is_what_samples_at_the_bound_reach():
+    cfg = Config(constraint_gates="sampled", sparsity=0.5)
+    at_bound = torch.full((1, 400_000), -cfg.log_alpha_bound)
+
+    sampled = smat.hard_sparsity(smat.sample_gates(at_bound, torch.Generator().manual_seed(0))).item()
+
+    assert smat.max_sparsity(cfg) == pytest.approx(0.9529, abs=1e-4)
+    assert sampled == pytest.approx(smat.max_sparsity(cfg), abs=2e-3)
+    assert smat.max_sparsity(Config(constraint_gates="test")) == 1.0
+    assert smat.max_sparsity(Config(constraint_gates="sampled", mask_sampling="official")) == 1.0
+
+
+@pytest.mark.parametrize("values", [dict(constraint_gates="sampled", sparsity=0.96),
+                                    dict(constraint_gates="test", sparsity=0.5, log_alpha_bound=2.0)])
+def test_a_sparsity_the_gates_cannot_reach_is_refused_in_one_line(values):
+    with pytest.raises(smat.ConfigError, match="cannot be reached") as error:
+        Config(**values)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_pmf_has_no_masks_so_any_sparsity_value_is_accepted():
+    assert Config.pmf(sparsity=0.99).sparsity == 0.99
+
+
 # --- § 3 sparse interpolated experts -------------------------------------------------------------
 
 

@@ -65,7 +65,14 @@ def test_a_run_directory_holds_config_metrics_checkpoints_and_results(assets, tm
     assert torch.load(run / "checkpoint.pt", weights_only=True)["episode"] == 8
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("sparsity_mean" in line for line in lines) and any("val_accuracy" in line for line in lines)
-    assert set(json.loads((run / "results.json").read_text())["domains"]) == {"alpha", "beta"}
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["domains"]) == {"alpha", "beta"}
+    assert set(results["baselines"]["Pre"]["domains"]) == {"alpha", "beta"}  # Pre on the same episodes
+    assert set(results["paired"]["smat − Pre"]["domains"]) == {"alpha", "beta"}
+    assert len(results["domains"]["alpha"]["accuracies"]) == 3
+    sparsity = results["sparsity"]
+    assert len(sparsity["per_expert"]) == 2 and 0 <= sparsity["binary_fraction"] <= 1
+    assert 0 <= sparsity["task_update_density"] <= 1
 
 
 def test_resuming_an_interrupted_run_reaches_the_same_parameters(assets, tmp_path):
