@@ -89,7 +89,7 @@ class Config:
     delta_lr: float = 0.05
     delta_momentum: float = 0.9
     delta_weight_decay: float = 1e-4  # decays θ_i towards θ_pre, since θ_i - θ_pre ∝ δ
-    mask_lr: float = 1e6  # huge on purpose: sign-like jumps make masks quasi-binary [official: yaml]
+    mask_lr: float = 1e6  # huge on purpose: sign-like jumps push log α to its bounds [official: yaml]
     mask_clip: float = 5.0  # global grad-norm clip on log α [official: max_grad_norm]
     # η_λ, the dual ascent step, constant over the run: NOTE the official scheduler also anneals it
     multiplier_lr: float = 0.1  # official 2e-3 [official: outer_lr.lagrangian_lr]
@@ -767,7 +767,8 @@ class MetaOptimizer:
     """The official optimiser set-up [official: SIE L737-760, trainer L119-122, L333-344].
 
     SGD (momentum 0.9, weight decay) on δ; plain SGD with a huge learning rate and grad-norm clip on
-    log α, then the clamp to ±log 100 (so log α jumps between bounds and masks become quasi-binary);
+    log α, then the clamp to ±log 100 (so most log α jump to a bound, where the test gate is exactly
+    0 or 1; docs/results.md measures the share);
     AdamW with clip 1 on the router; explicit dual ascent on λ. `lr_scale` is the schedule's factor
     and multiplies every optimiser's lr, not the dual step η_λ (NOTE: the official scheduler anneals
     it too, which left the constraint unmet at the end of short runs; docs/deviations.md).

@@ -1,8 +1,9 @@
 """Meta-train SMAT (or the dense PMF baseline): `python train.py --sparsity 0.9 --experts 8`.
 
-With no other flag this uses the embedded procedural benchmark and the tiny ViT (pretrained on the
-ID domains on first use and cached), meta-trains on CPU or GPU, validates on ID validation classes
-(keeping the best model), and ends with the ID/OOD test table. Read top to bottom: the run
+With no other flag this uses the embedded procedural benchmark and the shipped tiny ViT (the
+stand-in for DINO, pretrained once on a disjoint corpus: standin.py), meta-trains on CPU or GPU,
+validates on ID validation classes (keeping the best model), and ends with the ID/OOD test table of
+the model beside the frozen backbone (Pre) on the same episodes, with their paired difference. Read top to bottom: the run
 directory and checkpoints, the backbone, the learning-rate schedule, then `meta_train` (the loop),
 then the command line. `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N
 processes. The method itself lives in smat.py; this file owns optimisers, devices and time.
