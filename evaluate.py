@@ -32,8 +32,8 @@ from torch.func import functional_call
 
 import backbone as backbones
 import data
+import rundir
 import smat
-import train
 from data import Episode, Source
 from smat import SMAT, Config
 
@@ -101,7 +101,7 @@ def evaluate_model(
     elif finetune != "none":
         lrs, search = select_finetune_lr(model, sources, cfg, finetune, seed=seed, baseline=baseline,
                                          device=device, steps=finetune_steps)
-    started, domains, protocol = time.perf_counter(), {}, train.protocol(cfg, "test")
+    started, domains, protocol = time.perf_counter(), {}, rundir.protocol(cfg, "test")
     # the test gates do not depend on the task: computed once, not once per episode
     gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
     density = 0.0
@@ -293,7 +293,7 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
     A domain without validation classes takes the lr that is best on all validation episodes pooled.
     Returns ({domain: lr}, the search table for results.json).
     """
-    table, protocol = {}, train.protocol(cfg, "test")
+    table, protocol = {}, rundir.protocol(cfg, "test")
     for source in sources:
         if not source.class_sizes("val"):
             continue
@@ -626,10 +626,7 @@ def plot_sparsity_sweep(sweep: dict[float, dict], path: Path) -> None:
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    # A function, not a constant: train.py imports this module, so train.RunError may not exist yet
-    # while this module is being imported.
-    return (smat.ConfigError, data.DataError, backbones.BackboneError, train.RunError, EvaluateError)
+USER_ERRORS = rundir.USER_ERRORS + (EvaluateError,)  # bad input: one line and exit code 2
 
 
 @app.command()
@@ -651,8 +648,8 @@ def main(
     try:
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 cost, device, out)
-    except user_errors() as error:
-        train.fail(" ".join(str(error).split()))
+    except USER_ERRORS as error:
+        rundir.fail(" ".join(str(error).split()))
 
 
 def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot, cost,
@@ -667,9 +664,9 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         pyplot()
     if sweep_plot and not Path(sweep_plot).parent.is_dir():
         raise EvaluateError(f"--sweep-plot {sweep_plot}: its directory does not exist; create it first")
-    dev, runs, sources_for = train.pick_device(device), [], {}
+    dev, runs, sources_for = rundir.pick_device(device), [], {}
     for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
-        model, cfg, _ = train.load_run(run_dir, "cpu")
+        model, cfg, _ = rundir.load_run(run_dir, "cpu")
         # Every run on the first run's protocol, so all of them see the same episodes.
         cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS})
         key = (data_spec or cfg.data, cfg.image_size)
@@ -692,7 +689,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
                                         progress=lambda _, task=task: bar.advance(task))
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
-                first = next(data.test_episodes(sources[0], "test", train.protocol(cfg, "test"), 1, seed,
+                first = next(data.test_episodes(sources[0], "test", rundir.protocol(cfg, "test"), 1, seed,
                                                 cfg.image_size))
                 results[-1]["inference_cost"] = inference_cost(model, first)
             model.cpu()
@@ -719,6 +716,4 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
 
 
 if __name__ == "__main__":
-    import evaluate  # the importable module, not a second copy under __main__ (train.py imports evaluate)
-
-    train.run_cli(evaluate.app)
+    rundir.run_cli(app)

@@ -19,7 +19,7 @@ import backbone as backbones
 import data
 import evaluate
 import smat
-import train
+import rundir
 from smat import SMAT, Config
 
 SPEC = backbones.ViTSpec(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2.0, grid_size=2)
@@ -53,7 +53,7 @@ def make_sources() -> list[data.Source]:
 
 
 def episode(seed: int = 0) -> data.Episode:
-    protocol = train.protocol(make_cfg(), "test")
+    protocol = rundir.protocol(make_cfg(), "test")
     return next(data.test_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
 
 
@@ -412,7 +412,7 @@ def save_run(run_dir, cfg: Config, model: SMAT) -> None:
     """A run directory as train.py writes it (config.json + a checkpoint in its format)."""
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
-    train.atomic_save({"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+    rundir.atomic_save({"format": rundir.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
                        "backbone_spec": dataclasses.asdict(SPEC), "model": model.state_dict()},
                       run_dir / "checkpoint.pt")
 

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 import backbone as backbones
 import data
 import evaluate
+import rundir
 import train
 from smat import Config
 
@@ -71,8 +72,8 @@ def small_config(assets: Path, **overrides) -> Config:
 
 def save_checkpoint(path: Path, cfg: Config, spec: backbones.ViTSpec = SPEC) -> None:
     """A checkpoint in train.py's format for a freshly built model of `cfg` (another run's, swapped in)."""
-    model = train.build_model(cfg, dataclasses.asdict(spec))
-    train.atomic_save({"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+    model = rundir.build_model(cfg, dataclasses.asdict(spec))
+    rundir.atomic_save({"format": rundir.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
                        "backbone_spec": dataclasses.asdict(spec), "model": model.state_dict()}, path)
 
 
@@ -266,7 +267,7 @@ def test_an_image_that_breaks_mid_run_stops_training_with_one_line_and_complete_
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot read image" in result.stderr
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
     for path in (tmp_path / "run").glob("*.pt"):
-        train.read_checkpoint(path)
+        rundir.read_checkpoint(path)
 
 
 # --- 2. interrupted runs -------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def mtime(path: Path) -> int:
 def kill_during_a_checkpoint_write(process: subprocess.Popen, run: Path) -> None:
     """Freeze the process (SIGSTOP) as soon as a temporary checkpoint file appears; if the file is still
     there, the write has not been renamed into place yet: kill it frozen. Otherwise try the next write."""
-    temporary = run / f".checkpoint.pt.tmp{process.pid}"  # train.atomic_save's name for it
+    temporary = run / f".checkpoint.pt.tmp{process.pid}"  # rundir.atomic_save's name for it
     while True:
         wait_for(temporary.exists, process, poll=0.0002)  # the write lasts milliseconds
         process.send_signal(signal.SIGSTOP)
@@ -317,8 +318,8 @@ def test_runs_killed_at_random_moments_resume_to_the_parameters_of_an_uninterrup
     run, chance, episodes_at_kill = tmp_path / "run", random.Random(7), []
 
     def check_checkpoint() -> None:  # after every kill: never truncated, always readable
-        state = train.read_checkpoint(run / "checkpoint.pt")
-        assert torch.load(run / "checkpoint.pt", weights_only=True)["format"] == train.CHECKPOINT_FORMAT
+        state = rundir.read_checkpoint(run / "checkpoint.pt")
+        assert torch.load(run / "checkpoint.pt", weights_only=True)["format"] == rundir.CHECKPOINT_FORMAT
         episodes_at_kill.append(state["episode"])
 
     # Kill 1: a random moment after the first checkpoint.
@@ -363,7 +364,7 @@ class RunsCode:
 
 
 def hostile(path: Path, marker: Path, **fields) -> None:
-    torch.save({"format": train.CHECKPOINT_FORMAT, **fields, "payload": RunsCode(marker)}, path)
+    torch.save({"format": rundir.CHECKPOINT_FORMAT, **fields, "payload": RunsCode(marker)}, path)
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(assets, tmp_path, monkeypatch):
@@ -376,8 +377,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(assets, 
         hostile(run / name, marker, config=small_config(assets).to_dict())
     before = snapshot(tmp_path)
 
-    with pytest.raises(train.RunError, match="not a readable checkpoint") as error:
-        train.load_run(run)
+    with pytest.raises(rundir.RunError, match="not a readable checkpoint") as error:
+        rundir.load_run(run)
     assert "\n" not in str(error.value)
     with pytest.raises(backbones.BackboneError, match="cannot read"):
         backbones.load_backbone(run / "best.pt")
@@ -429,7 +430,7 @@ def test_a_huge_learning_rate_stops_the_command_with_the_term_and_step_and_keeps
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = result.stderr.strip().splitlines()
     assert "non-finite ce at step 1 " in line and "checkpoint.pt" in line
-    state = train.read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state = rundir.read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["episode"] == 4 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
