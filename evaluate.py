@@ -30,8 +30,8 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import backbone as backbones
 import data
+import readers
 import rundir
 import smat
 from data import Episode, Source
@@ -106,7 +106,7 @@ def evaluate_model(
     gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
     density = 0.0
     for source in sources:
-        tasks = data.test_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
+        tasks = data.evaluation_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
         accuracies, weights, domain_density = _accuracies(model, tasks, finetune, lrs[source.name], baseline,
                                                           finetune_steps, seed, device, gates,
                                                           progress and partial(progress, source.name))
@@ -297,7 +297,7 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
     for source in sources:
         if not source.class_sizes("val"):
             continue
-        val = list(data.test_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
+        val = list(data.evaluation_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
         gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
         table[source.name] = [
             _accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
@@ -671,7 +671,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS})
         key = (data_spec or cfg.data, cfg.image_size)
         if key not in sources_for:
-            sources_for[key] = data.parse_data_spec(key[0], cfg.image_size, seed=0)
+            sources_for[key] = readers.parse_data_spec(key[0], cfg.image_size, seed=0)
         runs.append((Path(run_dir), model, cfg, sources_for[key]))
     kwargs = dict(episodes=episodes or runs[0][2].test_episodes, seed=seed, finetune=finetune,
                   finetune_lr=finetune_lr, device=dev)
@@ -689,7 +689,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
                                         progress=lambda _, task=task: bar.advance(task))
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
-                first = next(data.test_episodes(sources[0], "test", rundir.protocol(cfg, "test"), 1, seed,
+                first = next(data.evaluation_episodes(sources[0], "test", rundir.protocol(cfg, "test"), 1, seed,
                                                 cfg.image_size))
                 results[-1]["inference_cost"] = inference_cost(model, first)
             model.cpu()

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 import backbone as backbones
-from data import _chunks, _grid, _normalise, _object_coords, _pose, _segment_distance, _soft
+from benchmark import in_chunks, object_coords, pixel_grid, random_poses, segment_distance, soft_edge
+from data import normalise
 
 WEIGHTS = backbones.SHIPPED_WEIGHTS["tiny"][0]
 CORPUS_SEED = 1  # the benchmark uses seed 0; the corpus families are disjoint by construction anyway
@@ -66,19 +67,19 @@ def _polygons(rng, n_classes, n_images, res):
     vertices = np.stack([vx, vy], -1)
 
     def render(pose, vertices, outline):
-        x, y = _object_coords(pose, res)
+        x, y = object_coords(pose, res)
         start, end = vertices, np.roll(vertices, -1, axis=1)
-        edge = _segment_distance(x, y, start, end).min(1)
+        edge = segment_distance(x, y, start, end).min(1)
         # inside test: winding by the sign of crossings of a ray to +x
         ax, ay = start[..., 0, None, None], start[..., 1, None, None]
         bx, by = end[..., 0, None, None], end[..., 1, None, None]
         crosses = ((ay > y[:, None]) != (by > y[:, None])) & (
             x[:, None] < (bx - ax) * (y[:, None] - ay) / (by - ay + 1e-9) + ax)
         inside = crosses.sum(1) % 2 == 1
-        filled = np.maximum(inside.astype(np.float32), _soft(0.02 - edge, res))
-        return np.where(outline[:, None, None], _soft(0.06 - edge, res), filled)
+        filled = np.maximum(inside.astype(np.float32), soft_edge(0.02 - edge, res))
+        return np.where(outline[:, None, None], soft_edge(0.06 - edge, res), filled)
 
-    return _chunks(render, _pose(rng, n, np.pi, (0.8, 1.1), 0.15), vertices, outline)
+    return in_chunks(render, random_poses(rng, n, np.pi, (0.8, 1.1), 0.15), vertices, outline)
 
 
 def _beziers(rng, n_classes, n_images, res):
@@ -94,14 +95,14 @@ def _beziers(rng, n_classes, n_images, res):
     width = rng.uniform(0.05, 0.09, (n, 1, 1, 1))
 
     def render(pose, points, second, width):
-        x, y = _object_coords(pose, res)
+        x, y = object_coords(pose, res)
         start, end = points[:, :, :-1].reshape(len(x), -1, 2), points[:, :, 1:].reshape(len(x), -1, 2)
         keep = np.ones(start.shape[:2], bool)
         keep[:, 12:] = second[:, None]  # segments of the second stroke
-        distance = np.where(keep[..., None, None], _segment_distance(x, y, start, end), 9.0)
-        return _soft(width[:, 0] - distance.min(1), res)
+        distance = np.where(keep[..., None, None], segment_distance(x, y, start, end), 9.0)
+        return soft_edge(width[:, 0] - distance.min(1), res)
 
-    return _chunks(render, _pose(rng, n, 0.5, (0.85, 1.1), 0.12), points, second, width)
+    return in_chunks(render, random_poses(rng, n, 0.5, (0.85, 1.1), 0.12), points, second, width)
 
 
 def _automata(rng, n_classes, n_images, res):
@@ -162,12 +163,12 @@ def _blobs(rng, n_classes, n_images, res):
     amplitude = np.repeat(amplitude, n_images, 0)
 
     def render(pose, centres, sigma, amplitude):
-        x, y = _object_coords(pose, res)
+        x, y = object_coords(pose, res)
         d2 = (x[:, None] - centres[..., 0, None, None]) ** 2 + (y[:, None] - centres[..., 1, None, None]) ** 2
         field = (amplitude[..., None, None] * np.exp(-d2 / (2 * sigma[..., None, None] ** 2))).sum(1)
         return 1 / (1 + np.exp(-4.0 * field))
 
-    return _chunks(render, _pose(rng, n, np.pi, (0.85, 1.1), 0.1), centres, sigma, amplitude)
+    return in_chunks(render, random_poses(rng, n, np.pi, (0.85, 1.1), 0.1), centres, sigma, amplitude)
 
 
 def _icons(rng, n_classes, n_images, res):
@@ -180,21 +181,21 @@ def _icons(rng, n_classes, n_images, res):
     centres = centres[None] + rng.normal(0, 0.03, (n, 9, 2))
 
     def render(pose, layout, centres):
-        x, y = _object_coords(pose, res)
+        x, y = object_coords(pose, res)
         u, v = x[:, None] - centres[..., 0, None, None], y[:, None] - centres[..., 1, None, None]
         r, size = np.hypot(u, v), 0.2
         shapes = np.stack([
             np.zeros_like(r),
-            _soft(size - r, res),  # disc
-            _soft(size - np.maximum(abs(u), abs(v)), res),  # square
-            _soft(np.minimum(size - v, np.minimum(v + size + 1.7 * u, v + size - 1.7 * u)) / 2, res),  # triangle
-            _soft(0.05 - np.minimum(abs(u), abs(v)), res) * (np.maximum(abs(u), abs(v)) < size),  # cross
-            _soft(0.05 - abs(r - 0.15), res),  # ring
+            soft_edge(size - r, res),  # disc
+            soft_edge(size - np.maximum(abs(u), abs(v)), res),  # square
+            soft_edge(np.minimum(size - v, np.minimum(v + size + 1.7 * u, v + size - 1.7 * u)) / 2, res),  # triangle
+            soft_edge(0.05 - np.minimum(abs(u), abs(v)), res) * (np.maximum(abs(u), abs(v)) < size),  # cross
+            soft_edge(0.05 - abs(r - 0.15), res),  # ring
         ])  # (6, n, 9, h, w)
         picked = np.take_along_axis(shapes, layout[None, :, :, None, None], 0)[0]
         return picked.max(1)
 
-    return _chunks(render, _pose(rng, n, 0.3, (0.85, 1.05), 0.1), layout, centres, size=128)
+    return in_chunks(render, random_poses(rng, n, 0.3, (0.85, 1.05), 0.1), layout, centres, size=128)
 
 
 def _fractals(rng, n_classes, n_images, res):
@@ -270,7 +271,7 @@ def pretrain(recipe: dict = RECIPE, out: Path = WEIGHTS, log: Callable[[str], No
     log(f"corpus: {len(labels)} images, {int(labels.max()) + 1} classes, {time.perf_counter() - started:.0f} s")
     torch.manual_seed(recipe["seed"])
     model = backbones.build_backbone("tiny")
-    inputs = _normalise(images.float().div_(255))
+    inputs = normalise(images.float().div_(255))
 
     def progress(step: int, total: int, stats: dict) -> None:
         if step % 200 == 0 or step == total:

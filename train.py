@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 import backbone as backbones
 import data
 import evaluate
+import readers
 import rundir
 import smat
 from rundir import (CHECKPOINT_FORMAT, RunError, atomic_save, atomic_write_text, build_model, config_from_dict,
@@ -132,7 +133,7 @@ def meta_train(
     cache_dir = Path(cache_dir) if cache_dir else data.default_cache_dir()
 
     # 1) Everything that can fail on bad input happens before the run directory is touched.
-    sources = data.parse_data_spec(cfg.data, cfg.image_size, cache_dir, seed=0)
+    sources = readers.parse_data_spec(cfg.data, cfg.image_size, cache_dir, seed=0)
     id_sources = [s for s in sources if s.split == "id"]
     if not id_sources:
         raise data.DataError(f"--data {cfg.data!r} has no ID source to meta-train on; mark one with @id")

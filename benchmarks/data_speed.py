@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmark  # noqa: E402
 import data  # noqa: E402
+import readers  # noqa: E402
 
 
 def rate(make_episode, n: int) -> tuple[float, float]:
@@ -50,13 +52,13 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        sources = data.embedded_sources(data.EMBEDDED_SEED, cache_dir=Path(tmp))
+        sources = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(tmp))
         print(f"embedded build (8 domains x 100 classes x 20 images, 32 px, cold): {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
-        data.embedded_sources(data.EMBEDDED_SEED, cache_dir=Path(tmp))
+        benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(tmp))
         print(f"embedded load from cache (SHA-256 checked): {time.perf_counter() - start:.2f} s")
         write_folder(sources[0], Path(tmp) / "folder")
-        (folder,) = data.folder_sources(Path(tmp) / "folder", "id", seed=0)
+        (folder,) = readers.folder_sources(Path(tmp) / "folder", "id", seed=0)
         runs = [
             ("embedded", sources, "fixed 5-way 5-shot 15-query", data.Protocol("fixed"), 32),
             ("embedded", sources, "variable (Meta-Dataset)", data.Protocol("variable"), 32),

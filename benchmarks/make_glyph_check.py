@@ -3,7 +3,7 @@
     python benchmarks/make_glyph_check.py /tmp/glyph_check        # a few seconds on one CPU core
     python evaluate.py RUN_DIR --data folder:/tmp/glyph_check@ood   # meta-test a run on it
 
-It writes ROOT/<writing system>/<character>/<NNN>.png, the layout `data.folder_sources` reads as one
+It writes ROOT/<writing system>/<character>/<NNN>.png, the layout `readers.folder_sources` reads as one
 source per domain; with @ood every class is a test class. A class is one letter (Armenian lowercase,
 Georgian Mkhedruli, Hebrew, Lao consonants); its 20 images (5-shot + 15 queries) are that letter
 typeset by different DejaVu font files (sans, serif, mono; book, bold, oblique, so weight and slant

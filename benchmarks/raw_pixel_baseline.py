@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmark  # noqa: E402
 import data  # noqa: E402
 
 
@@ -53,12 +54,12 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=Path("docs/benchmark_domains.png"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:  # a fresh build, as on a new machine
-        sources = data.embedded_sources(data.EMBEDDED_SEED, cache_dir=Path(cache))
+        sources = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(cache))
     protocol = data.Protocol("fixed", ways=5, shots=5, queries=15)
     print("| domain | split | raw-pixel ProtoNet accuracy (%) | 95% CI |")
     print("| --- | --- | ---: | ---: |")
     for source in sources:
-        accuracy = 100 * np.array([prototype_accuracy(e) for e in data.test_episodes(
+        accuracy = 100 * np.array([prototype_accuracy(e) for e in data.evaluation_episodes(
             source, "test", protocol, args.episodes, seed=0, image_size=32)])
         ci = 1.96 * accuracy.std() / np.sqrt(len(accuracy))
         print(f"| {source.name} | {source.split.upper()} | {accuracy.mean():.1f} | {ci:.1f} |", flush=True)

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import benchmark
 import data
+import readers
 
 SMALL = dict(n_classes=10, n_images=8)  # a small embedded build: 10 classes -> 6/2/2 per domain
 
@@ -136,7 +138,7 @@ def test_malformed_episode_fails_where_it_is_built():
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return cache, data.embedded_sources(seed=0, cache_dir=cache, **SMALL)
+    return cache, benchmark.embedded_sources(seed=0, cache_dir=cache, **SMALL)
 
 
 def test_embedded_benchmark_has_five_id_and_three_ood_domains(embedded):
@@ -150,11 +152,11 @@ def test_embedded_benchmark_has_five_id_and_three_ood_domains(embedded):
 def test_embedded_build_is_deterministic_and_seed_dependent(embedded, tmp_path):
     cache, _ = embedded
 
-    again = data.build_embedded(seed=0, cache_dir=tmp_path / "other", **SMALL)
-    cached = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
-    different = data.build_embedded(seed=1, cache_dir=tmp_path / "other", **SMALL)
+    again = benchmark.build_embedded(seed=0, cache_dir=tmp_path / "other", **SMALL)
+    cached = benchmark.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    different = benchmark.build_embedded(seed=1, cache_dir=tmp_path / "other", **SMALL)
 
-    assert all(torch.equal(again[n], cached[n]) for n in data.EMBEDDED_DOMAINS)
+    assert all(torch.equal(again[n], cached[n]) for n in benchmark.EMBEDDED_DOMAINS)
     assert not torch.equal(again["glyphs"], different["glyphs"])
 
 
@@ -178,14 +180,14 @@ def test_embedded_classes_have_distinct_images(embedded):
 
 def test_corrupt_or_truncated_cache_is_rebuilt(embedded):
     cache, _ = embedded
-    reference = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    reference = benchmark.build_embedded(seed=0, cache_dir=cache, **SMALL)
     path = next((cache / "embedded").glob("*.pt"))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    rebuilt = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    rebuilt = benchmark.build_embedded(seed=0, cache_dir=cache, **SMALL)
 
-    assert all(torch.equal(reference[n], rebuilt[n]) for n in data.EMBEDDED_DOMAINS)
-    assert torch.load(path, weights_only=True)["sha256"] == data._digest(reference)
+    assert all(torch.equal(reference[n], rebuilt[n]) for n in benchmark.EMBEDDED_DOMAINS)
+    assert torch.load(path, weights_only=True)["sha256"] == benchmark._digest(reference)
 
 
 def test_cache_with_flipped_pixels_is_detected_and_rebuilt(embedded):
@@ -195,7 +197,7 @@ def test_cache_with_flipped_pixels_is_detected_and_rebuilt(embedded):
     stored["domains"]["glyphs"][0, 0, 0, 0, 0] ^= 1
     torch.save(stored, path)
 
-    rebuilt = data.build_embedded(seed=0, cache_dir=cache, **SMALL)
+    rebuilt = benchmark.build_embedded(seed=0, cache_dir=cache, **SMALL)
 
     assert rebuilt["glyphs"][0, 0, 0, 0, 0] != stored["domains"]["glyphs"][0, 0, 0, 0, 0]
 
@@ -234,18 +236,18 @@ def test_train_stream_reraises_a_worker_error(embedded):
             next(stream)
 
 
-def test_test_episodes_are_deterministic_unaugmented_and_ood_aware(embedded):
+def test_evaluation_episodes_are_deterministic_unaugmented_and_ood_aware(embedded):
     _, sources = embedded
     ood = next(s for s in sources if s.split == "ood")
     protocol = data.Protocol("fixed", ways=2, shots=1, queries=2)
 
-    first = list(data.test_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
-    second = list(data.test_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
+    first = list(data.evaluation_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
+    second = list(data.evaluation_episodes(ood, "test", protocol, 3, seed=0, image_size=32))
 
     assert all(torch.equal(a.query_images, b.query_images) for a, b in zip(first, second))
     assert first[0].split == "ood" and first[0].domain == ood.name
     raw = ood._images[ood.classes("test")].float().div(255)  # unaugmented: every image is a stored one
-    stored = data._normalise(raw.flatten(0, 1))
+    stored = data.normalise(raw.flatten(0, 1))
     assert all(any(torch.allclose(img, s, atol=1e-5) for s in stored) for img in first[0].query_images)
 
 
@@ -253,9 +255,9 @@ def test_too_many_ways_and_too_few_images_are_clear_data_errors(embedded):
     _, sources = embedded
 
     with pytest.raises(data.DataError, match="50-way episodes need 50 classes"):
-        next(data.test_episodes(sources[0], "test", data.Protocol("fixed", ways=50), 1, 0, 32))
+        next(data.evaluation_episodes(sources[0], "test", data.Protocol("fixed", ways=50), 1, 0, 32))
     with pytest.raises(data.DataError, match="fewer than shots \\+ queries"):
-        next(data.test_episodes(sources[0], "test", data.Protocol("fixed", ways=2, shots=5, queries=15), 1, 0, 32))
+        next(data.evaluation_episodes(sources[0], "test", data.Protocol("fixed", ways=2, shots=5, queries=15), 1, 0, 32))
 
 
 # --- real sources on data the test writes --------------------------------------------------------
@@ -272,11 +274,11 @@ def test_folder_source_splits_classes_and_names_a_corrupt_file(tmp_path):
             write_png(tmp_path / "birds" / f"class{c:02d}" / f"{i}.png", 10 * c + i)
     (tmp_path / "birds" / "class03" / "9.png").write_bytes(b"not a png")
 
-    (source,) = data.parse_data_spec(f"folder:{tmp_path / 'birds'}", image_size=16)
+    (source,) = readers.parse_data_spec(f"folder:{tmp_path / 'birds'}", image_size=16)
 
     assert source.name == "birds" and source.split == "id"
     assert sum(len(source.class_sizes(p)) for p in data.PARTITIONS) == 12
-    episode = next(data.test_episodes(source, "train", data.Protocol("fixed", ways=2, shots=1, queries=1), 1, 0, 16))
+    episode = next(data.evaluation_episodes(source, "train", data.Protocol("fixed", ways=2, shots=1, queries=1), 1, 0, 16))
     assert episode.support_images.shape == (2, 3, 16, 16)
     partition = next(p for p in data.PARTITIONS
                      if any("class03" in str(c[0]) for c in source._classes[p]))
@@ -292,7 +294,7 @@ def test_folder_of_domains_with_split_file_and_ood_mark(tmp_path):
                 write_png(tmp_path / domain / f"c{c}" / f"{i}.jpg", c)
     (tmp_path / "a" / "splits.json").write_text(json.dumps({"train": ["c0", "c1"], "val": ["c2"], "test": ["c5"]}))
 
-    sources = data.parse_data_spec(f"folder:{tmp_path}@ood", image_size=16)
+    sources = readers.parse_data_spec(f"folder:{tmp_path}@ood", image_size=16)
 
     assert [s.name for s in sources] == ["a", "b"] and {s.split for s in sources} == {"ood"}
     assert [len(sources[0].class_sizes(p)) for p in data.PARTITIONS] == [2, 1, 1]
@@ -312,7 +314,7 @@ def write_fake_omniglot(root):
 def test_torchvision_omniglot_keeps_alphabets_as_hierarchy(tmp_path):
     write_fake_omniglot(tmp_path)
 
-    (source,) = data.parse_data_spec(f"torchvision:omniglot:{tmp_path}", image_size=16)
+    (source,) = readers.parse_data_spec(f"torchvision:omniglot:{tmp_path}", image_size=16)
 
     assert [len(source.class_sizes(p)) for p in data.PARTITIONS] == [6, 6, 6]  # Tagalog is an MD valid alphabet
     assert source.hierarchy("train").groups == (tuple(range(6)),)
@@ -332,7 +334,7 @@ def test_torchvision_cifar100_layout_is_read_without_download(tmp_path):
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(10)]}, f)
 
-    (source,) = data.parse_data_spec(f"torchvision:cifar100:{tmp_path}", image_size=16)
+    (source,) = readers.parse_data_spec(f"torchvision:cifar100:{tmp_path}", image_size=16)
 
     assert source.split == "ood" and source.class_sizes("test") == [8] * 10
     assert source.load("test", 0, [0, 1], 16).shape == (2, 3, 18, 18)  # 16 / (224 / 256) -> 18
@@ -354,10 +356,10 @@ def write_pmf_h5(directory, n_classes=(6, 2, 5), images=7):
 
 def test_h5_source_reads_pmf_layout_with_a_bounded_number_of_open_files(tmp_path):
     write_pmf_h5(tmp_path / "tiny")
-    (source,) = data.parse_data_spec(f"h5:{tmp_path / 'tiny'}", image_size=16)
+    (source,) = readers.parse_data_spec(f"h5:{tmp_path / 'tiny'}", image_size=16)
     source.files.max_open = 3
 
-    episodes = list(data.test_episodes(source, "test", data.Protocol("variable"), 4, seed=0, image_size=16))
+    episodes = list(data.evaluation_episodes(source, "test", data.Protocol("variable"), 4, seed=0, image_size=16))
 
     assert source.split == "id" and source.class_sizes("test") == [7] * 5
     assert all(e.n_way == 5 and e.query_images.shape[0] == 15 for e in episodes)  # 7 images -> 3 queries
@@ -376,7 +378,7 @@ def test_h5_source_reads_pmf_layout_with_a_bounded_number_of_open_files(tmp_path
 ])
 def test_bad_data_specs_raise_one_line_data_errors(spec, message):
     with pytest.raises(data.DataError, match=message) as error:
-        data.parse_data_spec(spec, image_size=32)
+        readers.parse_data_spec(spec, image_size=32)
 
     assert "\n" not in str(error.value)
 
@@ -387,4 +389,4 @@ def test_empty_image_file_is_named(tmp_path):
     (tmp_path / "d" / "c1" / "1.png").write_bytes(b"")
 
     with pytest.raises(data.DataError, match="1.png is empty"):
-        data.folder_sources(tmp_path / "d", "ood")
+        readers.folder_sources(tmp_path / "d", "ood")

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import backbone as backbones
+import benchmark
 import data
 import evaluate
-import smat
+import readers
 import rundir
+import smat
 from smat import SMAT, Config
 
 SPEC = backbones.ViTSpec(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2.0, grid_size=2)
@@ -49,12 +51,12 @@ def make_sources() -> list[data.Source]:
         noise = torch.randint(-60, 61, (20, 8, 3, 16, 16), generator=g)
         return (templates + noise).clamp(0, 255).to(torch.uint8)
 
-    return [data.EmbeddedSource("glyphs", images(), "id"), data.EmbeddedSource("rosettes", images(), "ood")]
+    return [benchmark.EmbeddedSource("glyphs", images(), "id"), benchmark.EmbeddedSource("rosettes", images(), "ood")]
 
 
 def episode(seed: int = 0) -> data.Episode:
     protocol = rundir.protocol(make_cfg(), "test")
-    return next(data.test_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
+    return next(data.evaluation_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
 
 
 def run(model=None, sources=None, **kwargs) -> dict:
@@ -216,13 +218,13 @@ def test_augmentation_keeps_shapes_and_is_reproducible_from_its_generator():
 
 def test_the_lr_search_reads_validation_episodes_only(monkeypatch):
     requested = []
-    episodes = data.test_episodes
+    episodes = data.evaluation_episodes
 
     def recording_episodes(source, partition, *args):
         requested.append(partition)
         return episodes(source, partition, *args)
 
-    monkeypatch.setattr(data, "test_episodes", recording_episodes)
+    monkeypatch.setattr(data, "evaluation_episodes", recording_episodes)
     model = make_model()
 
     lrs, search = evaluate.select_finetune_lr(model, make_sources(), model.cfg, "full", seed=0,
@@ -419,7 +421,7 @@ def save_run(run_dir, cfg: Config, model: SMAT) -> None:
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "parse_data_spec", lambda *args, **kwargs: make_sources())
+    monkeypatch.setattr(readers, "parse_data_spec", lambda *args, **kwargs: make_sources())
     smat_cfg, pmf_cfg = make_cfg(test_episodes=2), Config.pmf(**PROTOCOL, test_episodes=2)
     save_run(tmp_path / "smat-run", smat_cfg, make_model(smat_cfg))
     save_run(tmp_path / "pmf-run", pmf_cfg, make_model(pmf_cfg))

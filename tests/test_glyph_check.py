@@ -12,7 +12,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-import data  # noqa: E402
+import readers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "make_glyph_check.py"
@@ -84,7 +84,7 @@ def test_different_letters_look_different(built):
 
 
 def test_the_folder_reader_takes_it_as_ood_sources(built):
-    sources = data.parse_data_spec(f"folder:{built}@ood", 32)
+    sources = readers.parse_data_spec(f"folder:{built}@ood", 32)
     domains = sorted(d.name for d in built.iterdir() if d.is_dir())
     assert sorted(s.name for s in sources) == domains
     for source in sources:

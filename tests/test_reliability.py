@@ -25,7 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import backbone as backbones
-import data
+import benchmark
 import evaluate
 import rundir
 import train
@@ -392,15 +392,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(assets, 
 
 def test_a_hostile_embedded_cache_is_rebuilt_without_running_it(tmp_path):
     small = dict(seed=0, n_classes=4, n_images=2, resolution=16, cache_dir=tmp_path)
-    reference = data.build_embedded(**small)
+    reference = benchmark.build_embedded(**small)
     (path,) = (tmp_path / "embedded").glob("*.pt")
     torch.save({"key": path.stem, "domains": RunsCode(tmp_path / "marker")}, path)
 
-    rebuilt = data.build_embedded(**small)
+    rebuilt = benchmark.build_embedded(**small)
 
     assert not (tmp_path / "marker").exists()
     assert all(torch.equal(rebuilt[name], reference[name]) for name in reference)
-    assert torch.load(path, weights_only=True)["sha256"] == data._digest(reference)
+    assert torch.load(path, weights_only=True)["sha256"] == benchmark._digest(reference)
 
 
 def test_every_torch_load_in_the_project_passes_weights_only_true():

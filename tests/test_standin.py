@@ -3,7 +3,7 @@
 import torch
 
 import backbone as backbones
-import data
+import benchmark
 import standin
 
 
@@ -40,7 +40,7 @@ def test_the_corpus_has_both_polarities_so_features_are_not_tied_to_light_ink_on
 
 
 def test_no_corpus_family_is_a_benchmark_domain():
-    assert not set(standin.FAMILIES) & set(data.EMBEDDED_DOMAINS)
+    assert not set(standin.FAMILIES) & set(benchmark.EMBEDDED_DOMAINS)
 
 
 def test_pretraining_writes_a_backbone_file_that_records_its_recipe(tmp_path):

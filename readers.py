@@ -1,0 +1,414 @@
+"""Real image sources behind `--data`, and `parse_data_spec`, the one string that names any source.
+
+§ 1 `ImageListSource`, a domain whose classes are lists of items a reader decodes, and
+`folder_sources` (ROOT/<class>/*.png); § 2 `torchvision_source` (torchvision datasets, with
+Meta-Dataset's class counts and Omniglot's alphabet hierarchy); § 3 `h5_source` (one Meta-Dataset
+source in PMF's h5 layout); § 4 `parse_data_spec` ("embedded", "folder:PATH",
+"torchvision:NAME:ROOT", "h5:PATH/SOURCE", comma-joined, each optionally @id / @ood), which also
+names the embedded benchmark's domains (benchmark.py). All return `data.Source`s; data.py turns
+them into episodes.
+"""
+
+import json
+import os
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import UInt8
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+import benchmark
+from data import PARTITIONS, DataError, Hierarchy, Partition, Source, Split, dag_hierarchy, split_counts
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+
+
+# --- § 1 Image lists and image folders ----------------------------------------------------------------
+
+
+
+def _square(image: Image.Image, side: int) -> UInt8[Tensor, "3 side side"]:
+    """RGB, shorter side resized to `side` (PIL's antialiased bilinear), centre-cropped to a square."""
+    image = image.convert("RGB")
+    scale = side / min(image.size)
+    width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class ImageListSource(Source):
+    """A source whose classes are lists of items that `read` turns into PIL images (photos).
+
+    Images are loaded at side round(image_size / test_crop): at test time the centre `test_crop` of
+    it is kept, which is PMF's resize 146 -> centre crop 128 at image_size 128 [PMF datasets].
+    """
+
+    test_crop = 224 / 256
+
+    def __init__(self, name: str, split: Split, partitions: Mapping[Partition, Sequence[Sequence[object]]],
+                 read: Callable[[object], Image.Image],
+                 hierarchies: Mapping[Partition, Hierarchy] | None = None) -> None:
+        self.name, self.split, self._read = name, split, read
+        self._classes = {p: [list(c) for c in partitions.get(p, [])] for p in PARTITIONS}
+        self._hierarchies = dict(hierarchies or {})
+
+    def class_sizes(self, partition: Partition) -> list[int]:
+        return [len(c) for c in self._classes[partition]]
+
+    def hierarchy(self, partition: Partition) -> Hierarchy | None:
+        return self._hierarchies.get(partition)
+
+    def load(self, partition, class_index, image_indices, image_size):
+        side = round(image_size / self.test_crop)
+        items = self._classes[partition][class_index]
+        return torch.stack([_square(self._read(items[i]), side) for i in image_indices])
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Decode one image file fully, or name it in a DataError."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"image file {path} is empty; remove it or replace it with a valid image")
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"cannot read image {path} ({type(error).__name__}); remove it or replace it with a "
+                        f"valid {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file") from None
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_partition(names: Sequence[str], split: Split, seed: int, domain: str,
+                     split_file: Path) -> dict[Partition, list[str]]:
+    """Class names per partition: from `split_file` ({"train": [...], "val": [...], "test": [...]}) if it
+    exists; else a seeded 64/16/20 partition of the sorted names, or all in test for an OOD source
+    (as Meta-Dataset's test-only sources)."""
+    if split_file.is_file():
+        try:
+            listed = json.loads(split_file.read_text())
+            chosen = {p: [str(c) for c in listed.get(p, [])] for p in PARTITIONS}
+        except (ValueError, AttributeError, TypeError) as error:
+            raise DataError(f"split file {split_file} is not valid JSON of the form "
+                            f'{{"train": [...], "val": [...], "test": [...]}} ({error})') from None
+        unknown = sorted(set(sum(chosen.values(), [])) - set(names))
+        if unknown:
+            raise DataError(f"split file {split_file} names classes with no image folder: {unknown[:5]}; "
+                            f"valid names are the class folder names")
+        return chosen
+    if split == "ood":
+        return {"train": [], "val": [], "test": list(names)}
+    order = np.random.default_rng([seed, zlib.crc32(domain.encode())]).permutation(len(names))
+    n_train, n_val, _ = split_counts(len(names))
+    shuffled = [names[i] for i in order]
+    return {"train": sorted(shuffled[:n_train]), "val": sorted(shuffled[n_train:n_train + n_val]),
+            "test": sorted(shuffled[n_train + n_val:])}
+
+
+def folder_sources(root: Path, split: Split | None = None, seed: int = 0) -> list[Source]:
+    """ROOT/<class>/*.png (one domain named after ROOT) or ROOT/<domain>/<class>/*.png (one per domain).
+    An optional splits.json in a domain folder fixes its class split."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; expected ROOT/<class>/<images> or "
+                        f"ROOT/<domain>/<class>/<images>")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    domains = [root] if any(_image_files(d) for d in subdirs) else [d for d in subdirs if any(
+        sub.is_dir() and _image_files(sub) for sub in d.iterdir())]
+    if not domains:
+        raise DataError(f"no class folders with images under {root}; expected ROOT/<class>/<images> with "
+                        f"suffixes {', '.join(IMAGE_SUFFIXES)}")
+    sources: list[Source] = []
+    for domain in domains:
+        files = {d.name: _image_files(d) for d in sorted(domain.iterdir()) if d.is_dir()}
+        empty = [name for name, paths in files.items() if not paths]
+        if empty:  # a class that silently vanished would change the class split and the episodes
+            raise DataError(f"class folder {domain / empty[0]} has no images; add images with suffixes "
+                            f"{', '.join(IMAGE_SUFFIXES)} or remove the folder")
+        zero = next((path for paths in files.values() for path in paths if path.stat().st_size == 0), None)
+        if zero is not None:  # caught here, before a run directory exists, not at its first episode
+            raise DataError(f"image file {zero} is empty; remove it or replace it with a valid image")
+        chosen = _class_partition(sorted(files), split or "id", seed, domain.name, domain / "splits.json")
+        partitions = {p: [files[name] for name in chosen[p]] for p in PARTITIONS}
+        sources.append(ImageListSource(domain.name, split or "id", partitions, _open_image))
+    return sources
+
+
+# --- § 2 torchvision datasets ------------------------------------------------------------------------
+
+# name -> (torchvision class, constructor arguments of each part to concatenate)
+TORCHVISION_DATASETS: dict[str, tuple[str, tuple[dict, ...]]] = {
+    "omniglot": ("Omniglot", ({"background": True}, {"background": False})),
+    "cifar10": ("CIFAR10", ({"train": True}, {"train": False})),
+    "cifar100": ("CIFAR100", ({"train": True}, {"train": False})),
+    "mnist": ("MNIST", ({"train": True}, {"train": False})),
+    "fgvc_aircraft": ("FGVCAircraft", ({"split": "trainval"}, {"split": "test"})),
+    "dtd": ("DTD", ({"split": "train"}, {"split": "val"}, {"split": "test"})),
+    "flowers102": ("Flowers102", ({"split": "train"}, {"split": "val"}, {"split": "test"})),
+    "gtsrb": ("GTSRB", ({"split": "train"},)),  # Meta-Dataset uses the Final_Training images only
+}
+# Class counts (train, val, test) as in Meta-Dataset v1 [MD dataset_to_records.py]; the classes themselves
+# are a seeded partition (the split JSONs are not shipped). Absent: test-only, like MD's extra OOD sources.
+MD_CLASS_COUNTS = {"fgvc_aircraft": (70, 15, 15), "dtd": (33, 7, 7), "flowers102": (71, 15, 16)}
+# Meta-Dataset's five validation alphabets, carved out of Omniglot's background set [MD omniglot split]
+OMNIGLOT_VALID_ALPHABETS = frozenset({
+    "Blackfoot_(Canadian_Aboriginal_Syllabics)", "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+    "Inuktitut_(Canadian_Aboriginal_Syllabics)", "Tagalog", "Alphabet_of_the_Magi"})
+
+
+def _open_torchvision(name: str, root: Path, arguments: dict) -> tuple[object, list[int], list[str] | None]:
+    """(dataset, label of every item, Omniglot's alphabet of every label or None) of one part of a
+    torchvision dataset: what lies under ROOT, else a download."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name][0])
+    try:  # first read what is under ROOT, without the download-integrity hashes
+        return _torchvision_part(cls, root, arguments, local=True)
+    except Exception:
+        pass
+    try:
+        return _torchvision_part(cls, root, arguments, local=False)
+    except Exception as error:
+        raise DataError(f"torchvision dataset {name} is not under {root} and could not be downloaded "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        f"put it there or allow network access") from None
+
+
+def _torchvision_part(cls: type, root: Path, arguments: dict,
+                      local: bool) -> tuple[object, list[int], list[str] | None]:
+    """Every private detail of torchvision this project relies on, and only here. Written against
+    torchvision 0.19-0.29 (tested with 0.29.1): if a release renames one, this function changes.
+
+    `local=True` reads what lies under ROOT without the download MD5s (hashing gigabytes, or lacking
+    the archive one extracted, should not stop a local read), through a subclass of `cls` under the
+    same name (MNIST and DTD name their folders after the class) whose MD5 tables are None, so that
+    torchvision's check_integrity(path, None) only asks that the file exists: CIFAR's `train_list`,
+    `test_list` and `meta`, Flowers102's `_file_dict`; Omniglot's `_check_integrity` wants the zip,
+    so its replacement accepts the folder the zip extracts to. Labels are read without decoding an
+    image from `targets` or the private `_labels`, `_samples`, `_flat_character_images`; Omniglot's
+    alphabets from `_characters` ("Alphabet/characterNN").
+    """
+    if local:
+        tables: dict[str, object] = {}
+        if hasattr(cls, "train_list"):  # CIFAR10/100: [file, md5] rows and the meta file's md5
+            tables |= {"train_list": [[f, None] for f, _ in cls.train_list],
+                       "test_list": [[f, None] for f, _ in cls.test_list], "meta": {**cls.meta, "md5": None}}
+        if hasattr(cls, "_file_dict"):  # Flowers102: {key: (file, md5)}
+            tables["_file_dict"] = {key: (f, None) for key, (f, _) in cls._file_dict.items()}
+        if hasattr(cls, "zips_md5"):  # Omniglot: the zip, or the folder it extracts to
+            def _check_integrity(self) -> bool:
+                folder = os.path.join(self.root, self._get_target_folder())
+                return os.path.isdir(folder) or os.path.isfile(folder + ".zip")
+
+            tables["_check_integrity"] = _check_integrity
+        cls = type(cls.__name__, (cls,), tables) if tables else cls
+    dataset = cls(str(root), download=not local, **arguments)
+    if hasattr(dataset, "targets"):
+        labels = [int(t) for t in dataset.targets]
+    elif hasattr(dataset, "_labels"):
+        labels = [int(t) for t in dataset._labels]
+    elif hasattr(dataset, "_samples"):
+        labels = [int(t) for _, t in dataset._samples]
+    elif hasattr(dataset, "_flat_character_images"):
+        labels = [int(t) for _, t in dataset._flat_character_images]
+    else:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    alphabets = [Path(c).parts[0] for c in dataset._characters] if hasattr(dataset, "_characters") else None
+    return dataset, labels, alphabets
+
+
+def torchvision_source(name: str, root: Path, split: Split | None = None, seed: int = 0) -> Source:
+    """A torchvision dataset as a class-split source; Omniglot keeps MD's alphabet split and hierarchy."""
+    if name not in TORCHVISION_DATASETS:
+        raise DataError(f"unknown torchvision dataset {name!r}; valid: {', '.join(TORCHVISION_DATASETS)}")
+    parts = [_open_torchvision(name, root, arguments) for arguments in TORCHVISION_DATASETS[name][1]]
+    # class key -> items; Omniglot's two parts have separate label spaces, the others share one
+    classes: dict[tuple[int, int], list[tuple[object, int]]] = {}
+    for part_index, (dataset, labels, _) in enumerate(parts):
+        for item, label in enumerate(labels):
+            key = (part_index if name == "omniglot" else 0, label)
+            classes.setdefault(key, []).append((dataset, item))
+    keys = sorted(classes)
+    hierarchies: dict[Partition, Hierarchy] = {}
+    if name == "omniglot":
+        alphabet = {key: parts[key[0]][2][key[1]] for key in keys}
+        chosen = {"train": [k for k in keys if k[0] == 0 and alphabet[k] not in OMNIGLOT_VALID_ALPHABETS],
+                  "val": [k for k in keys if k[0] == 0 and alphabet[k] in OMNIGLOT_VALID_ALPHABETS],
+                  "test": [k for k in keys if k[0] == 1]}
+        for partition, members in chosen.items():
+            groups: dict[str, list[int]] = {}
+            for position, key in enumerate(members):
+                groups.setdefault(alphabet[key], []).append(position)
+            if members:
+                hierarchies[partition] = Hierarchy("bilevel", tuple(tuple(g) for g in groups.values()))
+    else:
+        n_train, n_val, _ = MD_CLASS_COUNTS.get(name, (0, 0, len(keys)))
+        if name in MD_CLASS_COUNTS and len(keys) != sum(MD_CLASS_COUNTS[name]):
+            n_train, n_val, _ = split_counts(len(keys))  # a partial copy of the dataset
+        order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(keys))
+        shuffled = [keys[i] for i in order]
+        chosen = {"train": sorted(shuffled[:n_train]), "val": sorted(shuffled[n_train:n_train + n_val]),
+                  "test": sorted(shuffled[n_train + n_val:])}
+
+    def read(item: object) -> Image.Image:
+        dataset, index = item
+        try:
+            return dataset[index][0]
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(f"cannot read image {index} of torchvision {name} under {root} "
+                            f"({type(error).__name__}); the copy there is damaged") from None
+
+    default_split: Split = "id" if chosen["train"] else "ood"
+    return ImageListSource(name, split or default_split, {p: [classes[k] for k in chosen[p]] for p in PARTITIONS},
+                           read, hierarchies)
+
+
+# --- § 3 Meta-Dataset in PMF's h5 layout -------------------------------------------------------------
+
+
+def _per_split(mapping: Mapping[str, object], partition: Partition) -> object:
+    """A Meta-Dataset spec value keyed by split, whatever spelling the key has (TRAIN, Split.TRAIN ...)."""
+    wanted = {"train": "TRAIN", "val": "VALID", "test": "TEST"}[partition]
+    for key, value in mapping.items():
+        if str(key).upper().split(".")[-1] == wanted:
+            return value
+    return 0
+
+
+class H5Files:
+    """At most `max_open` h5 files open at once (least recently used closed first), so Meta-Dataset's
+    thousands of per-class files need no raised `ulimit -n` [PMF #18; SMAT README]."""
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self._lock = threading.Lock()  # the training thread and the main thread may both read
+
+    def read(self, path: Path, record: int) -> np.ndarray:
+        import h5py
+
+        with self._lock:
+            try:
+                handle = self._open.pop(path, None) or h5py.File(path, "r")
+                self._open[path] = handle
+                while len(self._open) > self.max_open:
+                    self._open.popitem(last=False)[1].close()
+                return handle[str(record)]["image"][()]
+            except (OSError, KeyError) as error:
+                raise DataError(f"cannot read record {record} of {path} ({type(error).__name__}); expected "
+                                f"PMF's layout: one group per image holding an 'image' dataset") from None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def h5_source(directory: Path, split: Split | None = None, max_open: int = 64) -> Source:
+    """One Meta-Dataset source in PMF's h5 layout [PMF's Meta-Dataset h5 conversion]: DIR/dataset_spec.json and one
+    DIR/<class_id>.h5 per class. Class ids are contiguous: train first, then valid, then test.
+    Omniglot's spec gives alphabets (bilevel hierarchy); ImageNet's its WordNet DAG per split."""
+    try:
+        import h5py  # noqa: F401  (optional extra)
+    except ImportError:
+        raise DataError("h5 sources need h5py; install it with pip install 'smat-reference[h5]'") from None
+    spec_path = directory / "dataset_spec.json"
+    if not spec_path.is_file():
+        raise DataError(f"{spec_path} does not exist; expected a Meta-Dataset source folder in PMF's h5 layout")
+    try:
+        spec = json.loads(spec_path.read_text())
+        counts = [int(_per_split(spec["classes_per_split"], p)) for p in PARTITIONS]
+        per_class = spec["images_per_class"]
+        if any(str(k).upper().split(".")[-1] in ("TRAIN", "VALID", "TEST") for k in per_class):
+            per_class = {k: v for p in PARTITIONS for k, v in dict(_per_split(per_class, p) or {}).items()}
+        sizes = [int(per_class[str(c)] if str(c) in per_class else per_class[c]) for c in range(sum(counts))]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{spec_path} is not a Meta-Dataset dataset_spec.json ({type(error).__name__}: {error}); "
+                        f"expected classes_per_split and images_per_class") from None
+    starts = np.cumsum([0] + counts)
+    files = H5Files(max_open)
+    partitions = {p: [[(directory / f"{c}.h5", i) for i in range(sizes[c])]
+                      for c in range(int(starts[k]), int(starts[k + 1]))] for k, p in enumerate(PARTITIONS)}
+    hierarchies: dict[Partition, Hierarchy] = {}
+    if "classes_per_superclass" in spec:  # Omniglot: superclasses and their classes are contiguous
+        per_superclass = [int(spec["classes_per_superclass"][str(s)] if str(s) in spec["classes_per_superclass"]
+                              else spec["classes_per_superclass"][s]) for s in range(len(spec["classes_per_superclass"]))]
+        super_counts = [int(_per_split(spec["superclasses_per_split"], p)) for p in PARTITIONS]
+        super_starts = np.cumsum([0] + super_counts)
+        for k, p in enumerate(PARTITIONS):
+            groups, position = [], 0
+            for s in range(int(super_starts[k]), int(super_starts[k + 1])):
+                groups.append(tuple(range(position, position + per_superclass[s])))
+                position += per_superclass[s]
+            if groups:
+                hierarchies[p] = Hierarchy("bilevel", tuple(groups))
+    if "split_subgraphs" in spec:  # ImageNet: nodes with wn_id and children_ids; leaves are classes
+        wn_to_class = {str(v): int(k) for k, v in spec["class_names"].items()}
+        for k, p in enumerate(PARTITIONS):
+            nodes = _per_split(spec["split_subgraphs"], p) or []
+            children = {node["wn_id"]: list(node.get("children_ids", [])) for node in nodes}
+            leaf_class = {wn: wn_to_class[wn] - int(starts[k]) for wn, kids in children.items() if not kids}
+            if children:
+                hierarchies[p] = dag_hierarchy(children, leaf_class)
+
+    def read(item: object) -> Image.Image:
+        path, record = item
+        return Image.fromarray(files.read(path, record))
+
+    default_split: Split = "id" if counts[0] else "ood"
+    source = ImageListSource(directory.name, split or default_split, partitions, read, hierarchies)
+    source.files = files  # exposed so callers (and tests) can see how many handles are open
+    return source
+
+
+# --- § 4 One string for all sources ---------------------------------------------------------------
+
+
+def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, seed: int = 0) -> list[Source]:
+    """Sources named by one string: "embedded" (default; or "embedded:NAME" for one domain),
+    "folder:PATH", "torchvision:NAME:ROOT", "h5:PATH/SOURCE", joined by commas, each optionally
+    ending in "@id" or "@ood". Without a mark, embedded domains keep their own split and real sources
+    are ID when they have train classes, OOD otherwise. `seed` fixes seeded class splits of folders and
+    torchvision datasets; keep it constant to compare runs."""
+    if image_size < 8:
+        raise DataError(f"image size {image_size} is too small; use at least 8 pixels")
+    sources: list[Source] = []
+    for part in (p.strip() for p in spec.split(",")):
+        body, mark = (part.rsplit("@", 1) + [""])[:2] if "@" in part else (part, "")
+        if mark not in ("", "id", "ood"):
+            raise DataError(f"unknown split mark @{mark} in {part!r}; use @id or @ood")
+        split: Split | None = mark or None
+        kind, _, rest = body.partition(":")
+        if kind == "embedded":
+            found = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=cache_dir)
+            if rest:
+                found = [s for s in found if s.name == rest]
+                if not found:
+                    raise DataError(f"unknown embedded domain {rest!r}; valid: {', '.join(benchmark.EMBEDDED_DOMAINS)}")
+            for source in found:
+                source.split = split or source.split
+        elif kind == "folder" and rest:
+            found = folder_sources(Path(rest).expanduser(), split, seed)
+        elif kind == "torchvision" and ":" in rest:
+            name, _, root = rest.partition(":")
+            found = [torchvision_source(name.lower(), Path(root).expanduser(), split, seed)]
+        elif kind == "h5" and rest:
+            found = [h5_source(Path(rest).expanduser(), split)]
+        else:
+            raise DataError(f"cannot parse data source {part!r}; use embedded, embedded:NAME, folder:PATH, "
+                            f"torchvision:NAME:ROOT or h5:PATH/SOURCE, optionally ending in @id or @ood")
+        sources += found
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"data sources have repeated names {sorted(n for n in set(names) if names.count(n) > 1)}; "
+                        f"give each source its own folder name")
+    return sources
