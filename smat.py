@@ -14,7 +14,8 @@ src/learners/meta_learners/sparse_interpolated_experts.py). Choices that differ 
 marked `NOTE:` and listed in docs/deviations.md.
 
 Reading guide: start at `meta_train_step` (§7), one screen that reads like the algorithm; §2-§6 are
-its parts; §8 is the meta-update (optimisers and dual ascent on the multipliers).
+its parts; §8 is the meta-update: `meta_update` reduces a meta-batch of tasks (across processes too)
+and steps `MetaOptimizer` (optimisers, clipping, dual ascent on the multipliers).
 """
 
 import math
@@ -22,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
@@ -763,6 +765,21 @@ def predict(
 # --- § 8 Meta-update: optimisers, clipping, dual ascent [SMAT §3.9, §3.11] -----------------------
 
 
+class NonFiniteLoss(RuntimeError):
+    """A loss term is inf or nan: the meta-update stops before any parameter changes. The message
+    names the term; train.py adds the step and the last good checkpoint."""
+
+
+@dataclass
+class MetaBatch:
+    """One meta-batch after its update, for logging: the reduced statistics the update used."""
+
+    stats: dict[str, Tensor]  # every StepOutput.terms entry, mean over the meta-batch's tasks
+    violation: Tensor  # mean_i w_i ⊙ (τ - ŝ_i), n_experts: what dual ascent added to λ (over η_λ)
+    sparsity: Tensor  # mean_i ŝ_i, n_experts: what decided which λ_m reset to 0
+    weights: Tensor  # this process's tasks' w, tasks × n_experts
+
+
 class MetaOptimizer:
     """The official optimiser set-up [official: SIE L737-760, trainer L119-122, L333-344].
 
@@ -819,3 +836,37 @@ class MetaOptimizer:
     def load_state_dict(self, state: dict) -> None:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
+
+
+def meta_update(model: SMAT, optimizer: MetaOptimizer, outputs: list[StepOutput], lr_scale: float,
+                scaler: torch.amp.GradScaler | None = None) -> MetaBatch:
+    """One outer step from a meta-batch of tasks [SMAT §3.11], after each task's backward of
+    L_i / meta_batch (so the gradients hold the meta-batch mean).
+
+    With torch.distributed initialised, each of the `world` processes holds meta_batch / world of
+    the tasks: gradients and the dual statistics are summed over processes and the logged stats
+    averaged, so N processes take the step one process would (tests/test_train.py holds it to that).
+    A non-finite stat raises NonFiniteLoss before any parameter changes.
+    """
+    # 1) Reduce over this process's tasks: dual statistics as sums over meta_batch, stats as means.
+    meta_batch = model.cfg.meta_batch
+    stats = {k: torch.stack([o.terms[k] for o in outputs]).mean() for k in outputs[0].terms}
+    violation = torch.stack([o.violation for o in outputs]).sum(0) / meta_batch
+    sparsity = torch.stack([o.hard_sparsity for o in outputs]).sum(0) / meta_batch
+    # 2) Across processes: sums of the gradients and of the dual statistics = one big meta-batch.
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+        n = len(violation)
+        packed = torch.cat([violation, sparsity, torch.stack(list(stats.values()))])
+        dist.all_reduce(packed)
+        violation, sparsity = packed[:n], packed[n: 2 * n]
+        stats = dict(zip(stats, packed[2 * n:] / dist.get_world_size()))
+    # 3) Never step on inf/nan (one host sync per step).
+    bad = [name for name, value in stats.items() if not torch.isfinite(value)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite {bad[0]}")
+    # 4) The optimisers (lr × lr_scale), clipping, the clamp of log α and dual ascent on λ.
+    optimizer.step(lr_scale, violation, sparsity, scaler)
+    return MetaBatch(stats, violation, sparsity, torch.stack([o.weights for o in outputs]))

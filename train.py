@@ -3,10 +3,14 @@
 With no other flag this uses the embedded procedural benchmark and the shipped tiny ViT (the
 stand-in for DINO, pretrained once on a disjoint corpus: standin.py), meta-trains on CPU or GPU,
 validates on ID validation classes (keeping the best model), and ends with the ID/OOD test table of
-the model beside the frozen backbone (Pre) on the same episodes, with their paired difference. Read top to bottom: the run
-directory and checkpoints, the backbone, the learning-rate schedule, then `meta_train` (the loop),
-then the command line. `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N
-processes. The method itself lives in smat.py; this file owns optimisers, devices and time.
+the model beside the frozen backbone (Pre) on the same episodes, with their paired difference.
+`torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N processes.
+
+Read top to bottom: the backbone, the learning-rate schedule, then `meta_train`, the loop, whose
+`# --- method ---` lines are the algorithm (smat.meta_train_step per task, smat.meta_update per
+meta-batch) and whose `# --- plumbing ---` lines call the helpers below it (processes, data, the
+run's state, checkpoints, metrics); last the command line. The method itself lives in smat.py; this
+file owns devices, processes, files and time. Run directories are read and written by rundir.py.
 """
 
 import dataclasses
@@ -14,6 +18,8 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -32,11 +38,7 @@ import rundir
 import smat
 from rundir import (CHECKPOINT_FORMAT, RunError, atomic_save, atomic_write_text, build_model, config_from_dict,
                     fail, load_run, pick_device, protocol, read_checkpoint, read_config)
-from smat import SMAT, Config
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced inf/nan; the message names the loss term and the step."""
+from smat import SMAT, Config, NonFiniteLoss
 
 
 # --- backbone: a pretrained stand-in for DINO, or DINO itself --------------------------------------
@@ -124,147 +126,253 @@ def meta_train(
     console: Console | None = None,
 ) -> Path:
     """Meta-train `cfg` into `out_dir`; returns the run directory. See the module docstring."""
+    # --- plumbing: everything that can fail on bad input fails before the run directory is touched ---
     console = console or Console(stderr=False)
+    procs = processes(device, cfg)
+    sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
+    state = previous_state(cfg, out_dir, resume)
+    procs = init_distributed(procs)
+    run = start_run(cfg, out_dir, state, procs, stop_after)
+    id_sources = [s for s in sources if s.split == "id"]
+    stream = data.TrainStream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
+                              start=run.episodes_done + procs.rank, stride=procs.world)
+    with stream, Monitor(run, procs.main, console) as monitor:
+        while run.step < run.last_step:
+            # --- method: a meta-batch of tasks, then one meta-update [SMAT §3.10-3.11] ---
+            outputs = []
+            for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
+                episode, task = next(stream).to(procs.device), run.episodes_done + index
+                run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
+                with autocast(cfg, procs.device):
+                    out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
+                                               episode.query_images, episode.query_labels, episode.n_way,
+                                               episode_generator(cfg.seed, task, procs.device))
+                loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                outputs.append(out)
+            with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
+                batch = smat.meta_update(run.model, run.optimizer, outputs,
+                                         lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
+            run.step += 1
+            run.model.tasks_seen.fill_(run.episodes_done)
+            # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
+            if procs.main and monitor.log_due():
+                monitor.log(batch)
+            if procs.main and run.validation_due():
+                monitor.validated(validate_and_keep_best(run, id_sources, procs.device))
+            if procs.main and run.checkpoint_due():
+                save_checkpoint(run)
+            if procs.world > 1:
+                dist.barrier()
+    if procs.main and run.step == run.total_steps and evaluate_at_end:
+        final_evaluation(out_dir, sources, procs.device, console)
+    return out_dir
+
+
+# --- plumbing of the loop: processes, data, the run's state, files --------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among `world` (torchrun sets WORLD_SIZE and RANK; one process otherwise)."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes every file and prints; the others only compute."""
+        return self.rank == 0
+
+
+def processes(device: str, cfg: Config) -> Processes:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    main = rank == 0
-    dev = pick_device(device)
+    procs = Processes(world, rank, pick_device(device))
     if world > 1 and cfg.meta_batch % world:
         raise RunError(f"meta_batch {cfg.meta_batch} must be a multiple of the {world} processes")
-    cache_dir = Path(cache_dir) if cache_dir else data.default_cache_dir()
+    return procs
 
-    # 1) Everything that can fail on bad input happens before the run directory is touched.
+
+def init_distributed(procs: Processes) -> Processes:
+    """With several processes: the process group (NCCL on GPUs, gloo on CPUs), one GPU each."""
+    if procs.world == 1 or dist.is_initialized():
+        return procs
+    dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
+    if procs.device.type != "cuda":
+        return procs
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return dataclasses.replace(procs, device=device)
+
+
+def load_sources(cfg: Config, cache_dir: Path) -> list[data.Source]:
+    """The sources of `--data`, checked: at least one ID source, and every protocol drawable on them."""
     sources = readers.parse_data_spec(cfg.data, cfg.image_size, cache_dir, seed=0)
-    id_sources = [s for s in sources if s.split == "id"]
-    if not id_sources:
+    if not any(s.split == "id" for s in sources):
         raise data.DataError(f"--data {cfg.data!r} has no ID source to meta-train on; mark one with @id")
     check_protocols(sources, cfg)
-    state = None
-    if resume:
-        state = read_checkpoint(out_dir / "checkpoint.pt")
-        saved = config_from_dict(state["config"])
-        if dataclasses.replace(saved, episodes=cfg.episodes) != cfg:
-            raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise RunError(f"{out_dir} already holds files; pass --resume {out_dir} or choose another --out")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
+    return sources
 
+
+def previous_state(cfg: Config, out_dir: Path, resume: bool) -> dict | None:
+    """The checkpoint to resume (same configuration but for `episodes`), or None for a fresh run,
+    which needs an empty or absent `out_dir`."""
+    if not resume:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise RunError(f"{out_dir} already holds files; pass --resume {out_dir} or choose another --out")
+        return None
+    state = read_checkpoint(out_dir / "checkpoint.pt")
+    if dataclasses.replace(config_from_dict(state["config"]), episodes=cfg.episodes) != cfg:
+        raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
+    return state
+
+
+def initial_model(cfg: Config, state: dict | None, procs: Processes) -> tuple[SMAT, dict]:
+    """(model, backbone spec): from the checkpoint, or SMAT on θ_pre (rank 0 reads or downloads the
+    backbone; the other processes take it from rank 0)."""
     torch.manual_seed(cfg.seed)
     if state is not None:
         model = build_model(cfg, state["backbone_spec"])
         model.load_state_dict(state["model"])
-        backbone_spec = state["backbone_spec"]
-    else:
-        vit = resolve_backbone(cfg) if main or world == 1 else None
-        if world > 1:  # rank 0 reads or downloads the weights; the others take them from it
-            box = [vit.state_dict() if main else None, dataclasses.asdict(vit.spec) if main else None]
-            dist.broadcast_object_list(box, src=0)
-            vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
-            vit.load_state_dict(box[0])
-        backbone_spec = dataclasses.asdict(vit.spec)
-        torch.manual_seed(cfg.seed)  # the same experts and router whatever loading the backbone drew
-        model = SMAT(vit, cfg)
-    model = model.to(dev)
-    optimizer = smat.MetaOptimizer(model)
-    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and cfg.precision == "fp16" else None
+        return model, state["backbone_spec"]
+    vit = resolve_backbone(cfg) if procs.main or procs.world == 1 else None
+    if procs.world > 1:
+        box = [vit.state_dict() if procs.main else None, dataclasses.asdict(vit.spec) if procs.main else None]
+        dist.broadcast_object_list(box, src=0)
+        vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
+        vit.load_state_dict(box[0])
+    torch.manual_seed(cfg.seed)  # the same experts and router whatever loading the backbone drew
+    return SMAT(vit, cfg), dataclasses.asdict(vit.spec)
+
+
+@dataclass
+class Run:
+    """A run in progress: the model, its optimisers, and where the run stands. The loop advances
+    `step`; the plumbing below reads it to log, validate and write checkpoints."""
+
+    cfg: Config
+    out_dir: Path
+    model: SMAT
+    optimizer: smat.MetaOptimizer
+    scaler: torch.amp.GradScaler | None
+    backbone_spec: dict
+    total_steps: int  # optimiser steps of the whole run
+    last_step: int  # where this process stops (--stop-after), resumable
+    step: int = 0
+    best_val: float = -1.0
+    best_episode: int = -1
+
+    @property
+    def episodes_done(self) -> int:
+        return self.step * self.cfg.meta_batch
+
+    def validation_due(self) -> bool:
+        return self.episodes_done % self.cfg.val_every < self.cfg.meta_batch or self.step == self.total_steps
+
+    def checkpoint_due(self) -> bool:
+        return (self.episodes_done % self.cfg.checkpoint_every < self.cfg.meta_batch
+                or self.step in (self.last_step, self.total_steps))
+
+    def last_good(self) -> str:
+        path = self.out_dir / "checkpoint.pt"
+        return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint had been written yet"
+
+    @contextmanager
+    def naming_the_step(self):
+        try:
+            yield
+        except NonFiniteLoss as error:
+            raise NonFiniteLoss(f"{error} at step {self.step} (episode {self.episodes_done}); "
+                                f"{self.last_good()}") from None
+
+    def snapshot(self) -> dict:
+        """The model and where the run stands: all of best.pt, and checkpoint.pt without the optimiser."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "backbone_spec": self.backbone_spec,
+                "model": self.model.state_dict(), "step": self.step, "episode": self.episodes_done,
+                "best_val": self.best_val, "best_episode": self.best_episode}
+
+
+def start_run(cfg: Config, out_dir: Path, state: dict | None, procs: Processes, stop_after: int | None) -> Run:
+    """The model on its device, the optimisers (restored when resuming), and config.json written."""
+    model, backbone_spec = initial_model(cfg, state, procs)
+    model = model.to(procs.device)
+    scaler = torch.amp.GradScaler("cuda") if procs.device.type == "cuda" and cfg.precision == "fp16" else None
     total_steps = math.ceil(cfg.episodes / cfg.meta_batch)
-    step, best_val, best_episode = 0, -1.0, -1
+    last_step = total_steps if stop_after is None else min(total_steps, math.ceil(stop_after / cfg.meta_batch))
+    run = Run(cfg, out_dir, model, smat.MetaOptimizer(model), scaler, backbone_spec, total_steps, last_step)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        run.optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, best_val, best_episode = state["step"], state["best_val"], state["best_episode"]
-    if main:
+        run.step, run.best_val, run.best_episode = state["step"], state["best_val"], state["best_episode"]
+    if procs.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.tmp*"):  # left by a process killed while writing
             stale.unlink()
         atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
+    return run
 
-    def last_good() -> str:
-        path = out_dir / "checkpoint.pt"
-        return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint had been written yet"
 
-    def checkpoint() -> None:
-        bad = [key for key, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # never replace the last good checkpoint with a broken model
-            raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (after the optimiser step); {last_good()}")
-        atomic_save(snapshot() | {"optimizer": optimizer.state_dict(),
-                                  "scaler": scaler.state_dict() if scaler else None}, out_dir / "checkpoint.pt")
+def save_checkpoint(run: Run) -> None:
+    """checkpoint.pt (resumable: with the optimisers), never replacing the last good one by a broken model."""
+    bad = [key for key, p in run.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLoss(f"non-finite {bad[0]} at step {run.step} (after the optimiser step); {run.last_good()}")
+    atomic_save(run.snapshot() | {"optimizer": run.optimizer.state_dict(),
+                                  "scaler": run.scaler.state_dict() if run.scaler else None},
+                run.out_dir / "checkpoint.pt")
 
-    def snapshot() -> dict:
-        """The model and where the run stands: all of best.pt, and checkpoint.pt without the optimiser."""
-        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "backbone_spec": backbone_spec,
-                "model": model.state_dict(), "step": step, "episode": step * cfg.meta_batch,
-                "best_val": best_val, "best_episode": best_episode}
 
-    # 2) The loop: meta-batches of tasks, one optimiser step each [SMAT §3.10-3.11].
-    mine = range(rank, cfg.meta_batch, world)  # this process's tasks within every meta-batch
-    stream = data.TrainStream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
-                              start=step * cfg.meta_batch + rank, stride=world)
-    log_every = max(1, min(50, total_steps // 100))
-    last_stop = total_steps if stop_after is None else min(total_steps, math.ceil(stop_after / cfg.meta_batch))
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
-               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    started, start_episode, metrics_file = time.perf_counter(), step * cfg.meta_batch, out_dir / "metrics.jsonl"
-    with stream, Progress(*columns, console=console, disable=not main) as bar:
-        task = bar.add_task(cfg.method, total=total_steps * cfg.meta_batch, completed=step * cfg.meta_batch, stats="")
-        while step < last_stop:
-            outputs = []
-            for index in mine:
-                episode = next(stream).to(dev)
-                model.tasks_seen.fill_(step * cfg.meta_batch + index)  # drives T_r, as the official counter
-                with autocast(cfg, dev):
-                    out = smat.meta_train_step(model, episode.support_images, episode.support_labels,
-                                               episode.query_images, episode.query_labels, episode.n_way,
-                                               episode_generator(cfg.seed, step * cfg.meta_batch + index, dev))
-                loss = out.loss / cfg.meta_batch
-                (scaler.scale(loss) if scaler else loss).backward()
-                outputs.append(out)
-            stats = {k: torch.stack([o.terms[k] for o in outputs]).mean() for k in outputs[0].terms}
-            weights = torch.stack([o.weights for o in outputs])
-            violation = torch.stack([o.violation for o in outputs]).sum(0) / cfg.meta_batch
-            sparsity = torch.stack([o.hard_sparsity for o in outputs]).sum(0) / cfg.meta_batch
-            if world > 1:  # gradients and dual statistics summed over processes = one big meta-batch
-                for p in model.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                packed = torch.cat([violation, sparsity, torch.stack(list(stats.values()))])
-                dist.all_reduce(packed)
-                violation, sparsity = packed[: cfg.n_experts], packed[cfg.n_experts: 2 * cfg.n_experts]
-                stats = dict(zip(stats, packed[2 * cfg.n_experts:] / world))
-            bad = [name for name, value in stats.items() if not torch.isfinite(value)]  # one sync per step
-            if bad:
-                raise NonFiniteLoss(f"non-finite {bad[0]} at step {step} (episode {step * cfg.meta_batch}); "
-                                    f"{last_good()}")
-            optimizer.step(lr_scale(step, total_steps, cfg.warmup_fraction), violation, sparsity, scaler)
-            step += 1
-            episodes_done = step * cfg.meta_batch
-            model.tasks_seen.fill_(episodes_done)
-            if main and (step % log_every == 0 or step == last_stop):
-                rate = (episodes_done - start_episode) / (time.perf_counter() - started)
-                record = log_record(step, episodes_done, stats, sparsity, weights, model, cfg, rate)
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.update(task, completed=episodes_done, stats=short_stats(record))
-            if episodes_done % cfg.val_every < cfg.meta_batch or step == total_steps:
-                if main:
-                    val = validate(model, id_sources, cfg, dev)
-                    if val > best_val:
-                        best_val, best_episode = val, episodes_done
-                        atomic_save(snapshot(), out_dir / "best.pt")
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps({"episode": episodes_done, "val_accuracy": val}) + "\n")
-                    bar.update(task, description=f"{cfg.method} (val {val:.1f}%)")
-            if main and (episodes_done % cfg.checkpoint_every < cfg.meta_batch or step in (last_stop, total_steps)):
-                checkpoint()
-            if world > 1:
-                dist.barrier()
-    if main and step == total_steps and evaluate_at_end:
-        final_evaluation(out_dir, sources, dev, console)
-    return out_dir
+def validate_and_keep_best(run: Run, id_sources: list, device) -> float:
+    """Validate; a new best is written to best.pt. Returns the validation accuracy."""
+    val = validate(run.model, id_sources, run.cfg, device)
+    if val > run.best_val:
+        run.best_val, run.best_episode = val, run.episodes_done
+        atomic_save(run.snapshot(), run.out_dir / "best.pt")
+    return val
+
+
+class Monitor:
+    """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means)."""
+
+    COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+    def __init__(self, run: Run, main: bool, console: Console) -> None:
+        self.run, self.file = run, run.out_dir / "metrics.jsonl"
+        self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
+        self.started, self.start_episode = time.perf_counter(), run.episodes_done
+        self.bar = Progress(*self.COLUMNS, console=console, disable=not main)
+
+    def __enter__(self) -> "Monitor":
+        self.bar.__enter__()
+        cfg = self.run.cfg
+        self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
+                                      completed=self.run.episodes_done, stats="")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def log_due(self) -> bool:
+        return self.run.step % self.every == 0 or self.run.step == self.run.last_step
+
+    def log(self, batch: smat.MetaBatch) -> None:
+        run = self.run
+        rate = (run.episodes_done - self.start_episode) / (time.perf_counter() - self.started)
+        record = log_record(run.step, run.episodes_done, batch.stats, batch.sparsity, batch.weights, run.model,
+                            run.cfg, rate)
+        self._append(record)
+        self.bar.update(self.task, completed=run.episodes_done, stats=short_stats(record))
+
+    def validated(self, val: float) -> None:
+        self._append({"episode": self.run.episodes_done, "val_accuracy": val})
+        self.bar.update(self.task, description=f"{self.run.cfg.method} (val {val:.1f}%)")
+
+    def _append(self, record: dict) -> None:
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def log_record(step, episodes, stats, sparsity, weights, model, cfg, rate) -> dict:

@@ -164,9 +164,14 @@ class StepWorkload:
     """One meta-batch of SMAT (or PMF) training episodes with a given smat module."""
 
     def __init__(self, smat_module, model, episode: Episode, autocast, device: torch.device) -> None:
+        import smat
+
         self.smat, self.model, self.episode = smat_module, model, episode
         self.autocast, self.device = autocast, device
         self.optimizer = smat_module.MetaOptimizer(model)
+        # smat.py's meta_update, as train.py calls it; an older smat.py given by --baseline may lack
+        # it, and then takes this one (it only calls the model's and the optimiser's own methods)
+        self.meta_update = getattr(smat_module, "meta_update", smat.meta_update)
         self.counter = 0
 
     def episode_forward(self):
@@ -183,9 +188,7 @@ class StepWorkload:
             out = self.episode_forward()
             (out.loss / batch).backward()
             outputs.append(out)
-        violation = torch.stack([o.violation for o in outputs]).mean(0)
-        sparsity = torch.stack([o.hard_sparsity for o in outputs]).mean(0)
-        self.optimizer.step(1.0, violation, sparsity)
+        self.meta_update(self.model, self.optimizer, outputs, 1.0)
 
     def resident(self) -> int:
         states = [v for s in self.optimizer.state_dict().values() for st in s["state"].values()
