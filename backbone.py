@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from beartype import beartype
+from einops import rearrange
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor, nn
 
@@ -75,11 +76,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
-        # (batch, tokens, 3*dim) -> 3 x (batch, heads, tokens, head_dim)
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √head_dim) v
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        # the fused projection holds q, k, v one after the other, each split into heads
+        qkv = "batch tokens (qkv heads d) -> qkv batch heads tokens d"
+        q, k, v = rearrange(self.qkv(x), qkv, qkv=3, heads=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √d) v
+        return self.proj(rearrange(x, "batch heads tokens d -> batch tokens (heads d)"))
 
 
 class Mlp(nn.Module):

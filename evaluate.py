@@ -103,7 +103,7 @@ def evaluate_model(
                                          device=device, steps=finetune_steps)
     started, domains, protocol = time.perf_counter(), {}, rundir.protocol(cfg, "test")
     # the test gates do not depend on the task: computed once, not once per episode
-    gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
+    gates = tested_gates(model, baseline)
     density = 0.0
     for source in sources:
         tasks = data.evaluation_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
@@ -129,6 +129,12 @@ def evaluate_model(
         results["experts"] = {"kept_fraction": kept_fraction(model), "overlap": mask_overlap(model).tolist()}
         results["sparsity"] = sparsity_report(gates, density, model.cfg.sparsity)
     return results
+
+
+def tested_gates(model: SMAT, baseline: str) -> Tensor | None:
+    """The evaluation gates z of the model under test, computed once for all episodes (they do not
+    depend on the task); None for PMF and for the "Pre" baseline, which have no masks."""
+    return smat.eval_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
 
 
 def sparsity_report(gates: Tensor, task_update_density: float, target: float) -> dict:
@@ -298,7 +304,7 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
         if not source.class_sizes("val"):
             continue
         val = list(data.evaluation_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
-        gates = smat.test_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
+        gates = tested_gates(model, baseline)
         table[source.name] = [
             _accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
             for lr in candidates
@@ -493,7 +499,7 @@ def inference_cost(model: SMAT, episode: Episode, repeats: int = 20) -> dict:
         return smat.cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale)
 
     # as in evaluate_model: the test gates belong to the trained model, computed once for all episodes
-    gates = smat.test_gates(model.log_alpha) if model.cfg.uses_masks else None
+    gates = tested_gates(model, "model")
 
     def method() -> Tensor:
         xs, ys, xq = episode.support_images, episode.support_labels, episode.query_images
@@ -530,13 +536,13 @@ def plain_backbone(model: SMAT) -> nn.Module:
 
 def kept_fraction(model: SMAT) -> dict[str, list[float]]:
     """Per backbone tensor, the fraction of its entries each expert's test mask keeps (z > 0)."""
-    kept = (smat.test_gates(model.log_alpha.detach()) > 0).float()
+    kept = (smat.eval_gates(model.log_alpha.detach()) > 0).float()
     return {name: kept[:, s].mean(1).tolist() for name, s in model.layout.slices().items()}
 
 
 def mask_overlap(model: SMAT) -> Tensor:
     """n_experts × n_experts Jaccard overlap |z_a>0 ∧ z_b>0| / |z_a>0 ∨ z_b>0| of the test masks."""
-    kept = (smat.test_gates(model.log_alpha.detach()) > 0).float()
+    kept = (smat.eval_gates(model.log_alpha.detach()) > 0).float()
     both = kept @ kept.T
     count = kept.sum(1)
     return both / (count[:, None] + count[None, :] - both).clamp_min(1)
@@ -629,13 +635,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 USER_ERRORS = rundir.USER_ERRORS + (EvaluateError,)  # bad input: one line and exit code 2
 
 
-@app.command()
+@app.command(cls=rundir.OneLineCommand)
 def main(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories made by train.py")],
     episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain (default: the run's, 600)")] = None,
     seed: Annotated[int, typer.Option(help="episode seed; the same seed gives every run the same episodes")] = 0,
     data_spec: Annotated[Optional[str], typer.Option("--data", help="test data (default: the run's --data)")] = None,
-    finetune: Annotated[str, typer.Option(help="none (zero-shot), full or lora")] = "none",
+    finetune: Annotated[FinetuneMode, typer.Option(help="none (zero-shot), full or lora")] = "none",
     finetune_lr: Annotated[Optional[float], typer.Option(help="fixed fine-tuning lr (default: chosen on val)")] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add Pre (θ_pre + ProtoNet)")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="PNG pictures in each run directory")] = False,
@@ -656,8 +662,6 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
             device, out: Path | None = None) -> None:
     """Load and check everything, evaluate every run, then write every file: bad input fails before
     any work, and an error anywhere leaves nothing written."""
-    if finetune not in ("none", "full", "lora"):
-        raise EvaluateError(f"--finetune {finetune!r} is not valid; use none, full or lora")
     if out is not None and out.exists() and not out.is_dir():
         raise EvaluateError(f"--out {out} is a file; pass a directory (created if missing)")
     if plots or sweep_plot:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 import typer
+import typer.core
 
 import backbone as backbones
 import data
@@ -150,14 +151,23 @@ def fail(message: str, code: int = 2) -> None:
 USAGE_ERROR = typer.BadParameter.__bases__[0]
 
 
+class OneLineCommand(typer.core.TyperCommand):
+    """A Typer command whose usage errors (an unknown flag, a missing value, `--experts two`, a value
+    outside a flag's choices) are one line and exit code 2, like every other bad input, instead of
+    click's multi-line usage box: `@app.command(cls=OneLineCommand)`."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as error:
+            fail(error.format_message())
+
+
 def run_cli(application: typer.Typer) -> None:
-    """Run a Typer app so that click's own usage errors (a missing value, `--experts two`) are one
-    line and exit code 2 too, like every other bad input, instead of click's multi-line usage box."""
+    """Run a Typer app from the shell: its exit code (2 for bad input, through `fail` and
+    OneLineCommand), and 130 on Ctrl-C instead of click's "Aborted!"."""
     try:
         code = application(standalone_mode=False)
-    except USAGE_ERROR as error:
-        typer.echo(f"error: {error.format_message()}", err=True)
-        code = 2
     except typer.Abort:
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

@@ -19,13 +19,15 @@ and steps `MetaOptimizer` (optimisers, clipping, dual ascent on the multipliers)
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from beartype import beartype
+from einops import rearrange
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -46,6 +48,12 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message is one line naming it and what is valid."""
 
 
+# The choices of Config's named options, as types: train.py's command line offers exactly these.
+Method = Literal["smat", "pmf"]
+MaskSampling = Literal["stochastic", "official"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
 @dataclass(frozen=True)
 class Config:
     """Every hyper-parameter of a run, with its default; written beside every checkpoint.
@@ -55,12 +63,12 @@ class Config:
     """
 
     # method [SMAT §3]
-    method: Literal["smat", "pmf"] = "smat"  # pmf = dense ProtoNet meta-tuning, the same code with parts off
+    method: Method = "smat"  # pmf = dense ProtoNet meta-tuning, the same code with parts off
     n_experts: int = 8  # |M|, size of the expert pool [official: sparsity.num_experts]
     sparsity: float = 0.9  # τ, target fraction of zeros in every expert's mask [SMAT §3.9]
     mask_init_std: float = 0.5  # log α ~ N(0, 0.5²) [official: SIE L127-128]
     log_alpha_bound: float = math.log(100.0)  # log α clamped to ±4.605 [official: SIE L352-354]
-    mask_sampling: Literal["stochastic", "official"] = "stochastic"  # §2; official = noise-free, β=1 at test
+    mask_sampling: MaskSampling = "stochastic"  # §2; official = noise-free, β=1 at test
     # NOTE: which gates the constraint ŝ_m ≥ τ counts: "test" = the deterministic gates the evaluated
     # model uses (default), "sampled" = the training sample, as the paper and the official code.
     constraint_gates: Literal["test", "sampled"] = "test"
@@ -117,7 +125,7 @@ class Config:
     val_episodes: int = 60  # per ID domain
     test_episodes: int = 600  # per domain [official: nTestEpisode]
     seed: int = 0
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs in fp32
+    precision: Precision = "bf16"  # autocast dtype on GPU; CPU runs in fp32
 
     def __post_init__(self) -> None:
         checks = [  # (holds, name, value, what would be valid)
@@ -137,16 +145,16 @@ class Config:
             (min(self.train_queries, self.test_queries) >= 1, "queries", min(self.train_queries, self.test_queries), ">= 1"),
             (self.val_episodes >= 2, "val_episodes", self.val_episodes, "an integer >= 2"),
             (self.test_episodes >= 2, "test_episodes", self.test_episodes, "an integer >= 2"),
-            (self.constraint_gates in ("test", "sampled"), "constraint_gates", self.constraint_gates,
-             "test or sampled"),
-            (self.mask_sampling in ("stochastic", "official"), "mask_sampling", self.mask_sampling,
-             "stochastic or official"),
             (self.val_every >= 1 and self.checkpoint_every >= 1, "val_every/checkpoint_every",
              min(self.val_every, self.checkpoint_every), "an integer >= 1"),
         ]
         for holds, name, value, valid in checks:
             if not holds:
                 raise ConfigError(f"{name} = {value} is out of range; it must be {valid}")
+        for f in fields(self):  # a Literal field holds one of its values
+            value, choices = getattr(self, f.name), get_args(f.type)
+            if get_origin(f.type) is Literal and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not valid; use one of {', '.join(choices)}")
         reachable = max_sparsity(self)
         if self.uses_masks and self.sparsity > reachable:
             raise ConfigError(
@@ -231,7 +239,7 @@ def official_train_gates(log_alpha: Float[Tensor, "n_experts n_params"]) -> Floa
 
 
 @typechecked
-def test_gates(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, "n_experts n_params"]:
+def eval_gates(log_alpha: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, "n_experts n_params"]:
     """The deterministic test-time gate, z = clamp(σ(log α)·(ζ-γ) + γ, 0, 1).
 
     Louizos+18's test-time estimator (β = 1), which the official code uses at evaluation too
@@ -270,8 +278,8 @@ class _ExpectedDensity(torch.autograd.Function):
         return s.addcmul_(s, s, value=-1).mul_(grad[:, None] / log_alpha.shape[-1])  # σ' = σ(1-σ), over P
 
 
-def test_sparsity(log_alpha: Tensor) -> Tensor:
-    """ŝ_m of the deterministic test gates, without building them: test_gates(log α) = 0 exactly
+def eval_sparsity(log_alpha: Tensor) -> Tensor:
+    """ŝ_m of the deterministic test gates, without building them: eval_gates(log α) = 0 exactly
     where σ(log α)·(ζ-γ) + γ ≤ 0, i.e. log α ≤ log(-γ/ζ) = -2.398. (n_experts, n_params) -> n_experts."""
     return (log_alpha <= math.log(-GAMMA / ZETA)).sum(dim=-1) / log_alpha.shape[-1]
 
@@ -351,7 +359,7 @@ def interpolate(
 GATES = {
     "stochastic": (sample_gates, BETA),
     "official": (lambda log_alpha, generator: official_train_gates(log_alpha), BETA),
-    "test": (lambda log_alpha, generator: test_gates(log_alpha), 1.0),
+    "test": (lambda log_alpha, generator: eval_gates(log_alpha), 1.0),
 }
 
 
@@ -436,8 +444,10 @@ class Router(nn.Module):
 
     def embed(self, prototypes: Tensor) -> Tensor:
         x = torch.cat([prototypes, self.tokens.to(prototypes.dtype)])[None]  # 1 × (n_way + 4) × dim
-        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        qkv = "batch tokens (qkv heads d) -> qkv batch heads tokens d"  # q, k, v one after the other
+        q, k, v = rearrange(self.qkv(self.norm1(x)), qkv, qkv=3, heads=self.heads)
+        attention = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √d) v
+        x = x + self.proj(rearrange(attention, "batch heads tokens d -> batch tokens (heads d)"))
         x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
         return x[0, 0]  # position 0 = the first class's slot, as in the official code (no CLS token)
 
@@ -489,9 +499,14 @@ def cosine_logits(
     return scale * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
 
 
+@typechecked
 def inner_step(
-    theta: Tensor, prototypes: Tensor, support_features: Tensor, support_labels: Tensor, cfg: Config
-) -> tuple[Tensor, Tensor]:
+    theta: Float[Tensor, " n_params"],
+    prototypes: Float[Tensor, "n_way dim"],
+    support_features: Float[Tensor, "n_support dim"],
+    support_labels: Int[Tensor, " n_support"],
+    cfg: Config,
+) -> tuple[Float[Tensor, " n_params"], Float[Tensor, "n_way dim"]]:
     """One first-order GD step on the support loss, over θ_i and the head W [SMAT §3.6].
 
     θ' = θ - α·∇_θ L_s and W' = W - α·∇_W L_s with the gradients treated as constants (first order),
@@ -508,15 +523,21 @@ def inner_step(
 # --- § 6 Meta-objective: dense teacher, distillation, sparsity constraint [SMAT §3.8-3.10] -------
 
 
+# f_θ(x) as a function of the flat parameters θ and the images: SMAT.features
+FeaturesOf = Callable[[Float[Tensor, " n_params"], Float[Tensor, "batch channels height width"]],
+                      Float[Tensor, "batch dim"]]
+
+
+@typechecked
 def dense_teacher(
-    features_of,
-    theta: Tensor,
-    prototypes: Tensor,
-    query_images: Tensor,
-    query_labels: Tensor,
+    features_of: FeaturesOf,
+    theta: Float[Tensor, " n_params"],
+    prototypes: Float[Tensor, "n_way dim"],
+    query_images: Float[Tensor, "n_query channels height width"],
+    query_labels: Int[Tensor, " n_query"],
     cfg: Config,
-    student_loss: Tensor | None = None,
-) -> Tensor:
+    student_loss: Float[Tensor, ""] | None = None,
+) -> Float[Tensor, "n_query n_way"]:
     """θ^tr: K steps of plain GD on the query loss from sg(θ'), over all P parameters (dense, no mask).
 
     Returns the teacher's query logits, detached [SMAT §3.8; official: SIE L643-666]. `student_loss`,
@@ -621,25 +642,41 @@ class SMAT(nn.Module):
         """f_θ(x): the backbone's CLS feature with its weights taken from the flat vector θ."""
         return functional_call(self.architecture, self.layout.unflatten(theta), (images,))
 
+    @typechecked
     def task_parameters(
-        self, pre_prototypes: Tensor, generator: torch.Generator | None = None, gates: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """θ_i from the router and the experts: returns (θ_i, w, router logits a, gates z or None).
+        self,
+        pre_prototypes: Float[Tensor, "n_way dim"] | None,
+        generator: torch.Generator | None = None,
+        gates: Float[Tensor, "n_experts n_params"] | None = None,
+    ) -> "TaskParameters":
+        """θ_i from the router and the experts [SMAT §3.1, §3.4].
 
         A generator means training (sampled gates); without one, the deterministic test gates, which
-        `gates` may pass in precomputed (they do not depend on the task).
+        `gates` may pass in precomputed (they do not depend on the task). PMF has no router and no
+        masks: θ_i = θ_pre + δ, w = (1), and no router logits or gates.
         """
         if not self.cfg.uses_masks:  # PMF: one dense expert, θ_i = θ_pre + δ
-            ones = torch.ones(1, device=self.delta.device)
-            return self.theta_pre + self.delta, ones, ones * 0, None
+            return TaskParameters(self.theta_pre + self.delta, torch.ones(1, device=self.delta.device))
         weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
         if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
-            gates = test_gates(self.log_alpha) if gates is None else gates
-            return interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights, logits, gates
+            gates = eval_gates(self.log_alpha) if gates is None else gates
+            return TaskParameters(interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights,
+                                  logits, gates)
         # θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ as one op: autograd keeps at most z, not the chain's 3 M×P tensors
         theta, gates = MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha,
                                           self.cfg.mask_sampling, generator)
-        return theta, weights, logits, gates
+        return TaskParameters(theta, weights, logits, gates)
+
+
+@typechecked
+@dataclass
+class TaskParameters:
+    """What `SMAT.task_parameters` makes for one task."""
+
+    theta: Float[Tensor, " n_params"]  # θ_i
+    weights: Float[Tensor, " n_experts"]  # w, the router's merging weights (PMF: the one expert, 1)
+    router_logits: Float[Tensor, " n_experts"] | None = None  # a = K e_i (None for PMF: no router)
+    gates: Float[Tensor, "n_experts n_params"] | None = None  # z (None for PMF: no masks)
 
 
 @dataclass
@@ -676,11 +713,12 @@ def meta_train_step(
         pre_prototypes = class_prototypes(pre[:n_support], support_labels, n_way)
         pre_logits = cosine_logits(pre[n_support:], pre_prototypes, cfg.cosine_scale)
     # 2) Router -> merging weights w; sampled gates z; task model θ_i = θ_pre + (Σ w_m z_m) ⊙ δ.
-    theta, weights, router_logits, gates = model.task_parameters(pre_prototypes, generator)
+    task = model.task_parameters(pre_prototypes, generator)
+    theta, weights = task.theta, task.weights
     sparsity = torch.zeros(cfg.n_experts, device=theta.device)  # ŝ that the constraint counts [SMAT §3.9]
     if cfg.uses_masks:  # NOTE: on the test gates by default, the gates of the model that is evaluated
-        sparsity = hard_sparsity(gates) if cfg.constraint_gates == "sampled" else test_sparsity(model.log_alpha)
-    del gates  # M×P, and nothing below needs it: keep it out of the step's peak memory
+        sparsity = hard_sparsity(task.gates) if cfg.constraint_gates == "sampled" else eval_sparsity(model.log_alpha)
+    task.gates = None  # M×P, and nothing below needs it: keep it out of the step's peak memory
     # 3) Prototype head from θ_i, then one first-order GD step on the support set.
     support_features = model.features(theta, support_images)
     prototypes = class_prototypes(support_features, support_labels, n_way)
@@ -702,7 +740,7 @@ def meta_train_step(
     # 6) Lagrangian sparsity constraint, weighted by this task's w, and the router-logit penalty.
     if cfg.uses_masks:
         penalty = sparsity_penalty(weights, model.multipliers, expected_density(model.log_alpha), cfg.sparsity)
-        router_penalty = cfg.router_logit_penalty * router_logits.pow(2).mean()
+        router_penalty = cfg.router_logit_penalty * task.router_logits.pow(2).mean()
         loss = loss + penalty + router_penalty
         terms |= {"sparsity_penalty": penalty.detach(), "router_penalty": router_penalty.detach()}
     terms |= {"loss": loss.detach(), "accuracy": _accuracy(query_logits, query_labels),
@@ -728,7 +766,7 @@ def task_model(
 ) -> tuple[Tensor, Tensor]:
     """(θ_i, w) for meta-testing: the router on θ_pre's support prototypes, then the test gates.
 
-    `pretrained=True` gives θ_pre itself (the "Pre" baseline); `gates` may hold test_gates(log α),
+    `pretrained=True` gives θ_pre itself (the "Pre" baseline); `gates` may hold eval_gates(log α),
     computed once for many episodes.
     """
     if pretrained:
@@ -736,8 +774,8 @@ def task_model(
     pre_prototypes = None
     if model.cfg.uses_masks:
         pre_prototypes = class_prototypes(model.features(model.theta_pre, support_images), support_labels, n_way)
-    theta, weights, _, _ = model.task_parameters(pre_prototypes, gates=gates)
-    return theta, weights
+    task = model.task_parameters(pre_prototypes, gates=gates)
+    return task.theta, task.weights
 
 
 @typechecked

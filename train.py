@@ -427,34 +427,42 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
 # --- the command line: parse, build a Config, call meta_train ------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+DEFAULTS = Config()  # shown in --help; a flag left out keeps the profile's value (or, with --resume, the run's)
 
 
-@app.command()
+def option(*names: str, help: str, field: str | None = None, **kwargs):
+    """A flag that overrides a Config field; --help shows the CPU profile's default."""
+    return typer.Option(*names, help=help, show_default=str(getattr(DEFAULTS, field)) if field else False, **kwargs)
+
+
+@app.command(cls=rundir.OneLineCommand)
 def main(
-    sparsity: Annotated[Optional[float], typer.Option(help="target fraction of zeros per expert, τ in [0, 1)")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="number of experts (≥ 1)")] = None,
-    episodes: Annotated[Optional[int], typer.Option(help="meta-training episodes (tasks)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="smat or pmf (dense ProtoNet meta-tuning)")] = None,
+    sparsity: Annotated[Optional[float], option(help="target fraction of zeros per expert, τ in [0, 1)", field="sparsity")] = None,
+    experts: Annotated[Optional[int], option(help="number of experts (≥ 1)", field="n_experts")] = None,
+    episodes: Annotated[Optional[int], option(help="meta-training episodes (tasks)", field="episodes")] = None,
+    method: Annotated[Optional[smat.Method], option(help="smat, or pmf (dense ProtoNet meta-tuning)", field="method")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/METHOD-TIME)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    seed: Annotated[Optional[int], option(help="random seed", field="seed")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    data_spec: Annotated[Optional[str], typer.Option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file")] = None,
+    data_spec: Annotated[Optional[str], option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood", field="data")] = None,
+    backbone: Annotated[Optional[str], option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file", field="backbone")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
-    profile: Annotated[str, typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)")] = "cpu",
-    teacher: Annotated[Optional[bool], typer.Option("--teacher/--no-teacher", help="dense teacher + distillation")] = None,
-    kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", help="extra KL to the frozen model")] = None,
-    mask_sampling: Annotated[Optional[str], typer.Option(help="stochastic (Louizos) or official (noise-free)")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (GPU autocast)")] = None,
-    test_episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="episodes between resumable checkpoints")] = None,
+    profile: Annotated[Literal["cpu", "paper"], typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)")] = "cpu",
+    teacher: Annotated[Optional[bool], option("--teacher/--no-teacher", help="dense teacher + distillation", field="teacher")] = None,
+    kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model", field="kl_to_pretrained")] = None,
+    kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
+    mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)", field="mask_sampling")] = None,
+    precision: Annotated[Optional[smat.Precision], option(help="GPU autocast dtype (CPU runs in fp32)", field="precision")] = None,
+    test_episodes: Annotated[Optional[int], option(help="test episodes per domain", field="test_episodes")] = None,
+    checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints", field="checkpoint_every")] = None,
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
-                 "data": data_spec, "backbone": backbone, "teacher": teacher, "kl_to_pretrained": kl_pretrained,
+                 "data": data_spec, "backbone": backbone, "teacher": teacher,
+                 "kl_to_pretrained": kl_pretrained if kl_to_pretrained is None else kl_to_pretrained,
                  "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes,
                  "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -473,14 +481,9 @@ def main(
         fail(str(error), code=1)
 
 
-def make_config(profile: str, overrides: dict, resume: Path | None) -> Config:
-    choices = {"method": ("smat", "pmf"), "mask_sampling": ("stochastic", "official"),
-               "precision": ("bf16", "fp16", "fp32")}
-    for name, valid in choices.items():
-        if name in overrides and overrides[name] not in valid:
-            raise smat.ConfigError(f"{name} = {overrides[name]!r} is not valid; use one of {', '.join(valid)}")
-    if profile not in ("cpu", "paper"):
-        raise smat.ConfigError(f"profile = {profile!r} is not valid; use cpu or paper")
+def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:
+    """The run's Config: the profile's values with `overrides`, or with --resume the run's own (where
+    only `episodes` may change). Config checks every value (ranges, choices)."""
     if resume is not None:
         if not (resume / "config.json").is_file():
             raise RunError(f"--resume {resume}: not a run directory (no config.json); pass a directory made by train.py")

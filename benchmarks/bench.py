@@ -213,7 +213,8 @@ class PredictWorkload(StepWorkload):
         self.cached = {}
         if not pretrained and model.cfg.uses_masks and "gates" in inspect.signature(smat_module.predict).parameters:
             with torch.no_grad():
-                self.cached = {"gates": smat_module.test_gates(model.log_alpha)}
+                gates_of = getattr(smat_module, "eval_gates", None) or smat_module.test_gates  # older name
+                self.cached = {"gates": gates_of(model.log_alpha)}
 
     def meta_batch(self) -> None:
         e = self.episode

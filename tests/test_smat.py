@@ -69,10 +69,10 @@ def test_sampling_with_moderate_log_alpha_gives_exact_zeros_and_exact_ones():
 
 @settings(max_examples=30, deadline=None)
 @given(value=st.floats(-6.0, 6.0))
-def test_test_gate_equals_the_closed_form(value):
+def test_eval_gate_equals_the_closed_form(value):
     expected = min(1.0, max(0.0, 1.2 / (1 + math.exp(-value)) - 0.1))
 
-    z = smat.test_gates(torch.full((1, 1), value, dtype=torch.float64))
+    z = smat.eval_gates(torch.full((1, 1), value, dtype=torch.float64))
 
     assert z.item() == pytest.approx(expected, abs=1e-12)
 
@@ -80,7 +80,7 @@ def test_test_gate_equals_the_closed_form(value):
 def test_official_train_gate_is_noise_free_with_beta_two_thirds():
     log_alpha = torch.tensor([[1.6, -1.6, 0.0]])
 
-    train, test = smat.official_train_gates(log_alpha), smat.test_gates(log_alpha)
+    train, test = smat.official_train_gates(log_alpha), smat.eval_gates(log_alpha)
 
     assert train[0, 0] == 1.0 and train[0, 1] == 0.0  # the spec's numbers: 1.0 / 0.898 and 0 / 0.102
     assert test[0, 0].item() == pytest.approx(0.898, abs=1e-3) and test[0, 1].item() == pytest.approx(0.102, abs=1e-3)
@@ -104,10 +104,10 @@ def test_expected_density_increases_with_log_alpha():
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 8.0))
-def test_test_sparsity_counts_the_exact_zeros_of_the_test_gates(seed, scale):
+def test_eval_sparsity_counts_the_exact_zeros_of_the_eval_gates(seed, scale):
     log_alpha = torch.randn(3, 400, generator=torch.Generator().manual_seed(seed)) * scale
 
-    assert torch.equal(smat.test_sparsity(log_alpha), smat.hard_sparsity(smat.test_gates(log_alpha)))
+    assert torch.equal(smat.eval_sparsity(log_alpha), smat.hard_sparsity(smat.eval_gates(log_alpha)))
 
 
 def test_the_largest_reachable_sparsity_of_sampled_gates_is_what_samples_at_the_bound_reach():
@@ -468,12 +468,12 @@ def test_meta_update_clamps_log_alpha_to_its_bounds():
     assert model.log_alpha.abs().max().item() == pytest.approx(model.cfg.log_alpha_bound)
 
 
-def test_precomputed_test_gates_give_the_same_prediction():
+def test_precomputed_eval_gates_give_the_same_prediction():
     model = make_model(0)
     with torch.no_grad():
         model.delta.normal_()
     xs, ys, xq, _, n_way = make_episode(3)
 
-    cached = smat.predict(model, xs, ys, xq, n_way, gates=smat.test_gates(model.log_alpha))
+    cached = smat.predict(model, xs, ys, xq, n_way, gates=smat.eval_gates(model.log_alpha))
 
     torch.testing.assert_close(cached.logits, smat.predict(model, xs, ys, xq, n_way).logits)

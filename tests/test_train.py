@@ -150,7 +150,9 @@ def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
     (["--data", "folder:/does/not/exist"], "/does/not/exist"),
     (["--backbone", "resnet"], "backbone"),
     (["--resume", "/tmp"], "not a run directory"),
-    (["--mask-sampling", "sometimes"], "mask_sampling"),
+    (["--mask-sampling", "sometimes"], "--mask-sampling"),
+    (["--precision", "fp8"], "'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
+    (["--profile", "gpu"], "--profile"),
     (["--test-episodes", "1"], "test_episodes"),
 ])
 def test_bad_flags_exit_with_code_2_and_one_line(flags, words, tmp_path):
