@@ -340,6 +340,24 @@ def _augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip, crops.flip(-1), crops)
 
 
+def _pretraining_optimizer(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, total: int):
+    """AdamW with weight decay on matrices only, and its schedule: linear warm-up over the first 5% of
+    the `total` steps, then cosine decay to 0."""
+    decays = {n: p.ndim >= 2 and n not in ("pos_embed", "cls_token") for n, p in named}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if decays[n]], "weight_decay": weight_decay},
+         {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0}], lr=lr
+    )
+    warmup = max(1, round(0.05 * total))
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine from 1 to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
 @typechecked
 def pretrain_supervised(
     model: VisionTransformer,
@@ -371,21 +389,9 @@ def pretrain_supervised(
     head = nn.Linear(model.feature_dim, int(labels.max()) + 1).to(device)
     nn.init.zeros_(head.weight)  # start from the uniform prediction
     nn.init.zeros_(head.bias)
-    named = [*model.named_parameters(), *head.named_parameters(prefix="head")]
-    decays = {n: p.ndim >= 2 and n not in ("pos_embed", "cls_token") for n, p in named}
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if decays[n]], "weight_decay": weight_decay},
-         {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0}], lr=lr
-    )
     total = epochs * math.ceil(len(labels) / batch_size)
-    warmup = max(1, round(0.05 * total))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine from 1 to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer, schedule = _pretraining_optimizer([*model.named_parameters(), *head.named_parameters(prefix="head")],
+                                                 lr, weight_decay, total)
     history, step = [], 0
     for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=generator)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import backbone as backbones
-from benchmark import in_chunks, object_coords, pixel_grid, random_poses, segment_distance, soft_edge
+from benchmark import in_chunks, object_coords, random_poses, segment_distance, soft_edge
 from data import normalise
 
 WEIGHTS = backbones.SHIPPED_WEIGHTS["tiny"][0]

@@ -19,6 +19,7 @@ import backbone as backbones
 import benchmark
 import data
 import evaluate
+import finetuning
 import readers
 import rundir
 import smat
@@ -165,7 +166,7 @@ def test_finetuning_with_lr_zero_equals_zero_shot(mode):
     model, e = make_model(), episode()
     zero_shot = smat.predict(model, e.support_images, e.support_labels, e.query_images, e.n_way)
 
-    logits, weights = evaluate.finetune_logits(model, e.support_images, e.support_labels, e.query_images,
+    logits, weights = finetuning.finetune_logits(model, e.support_images, e.support_labels, e.query_images,
                                                e.n_way, mode, lr=0.0, steps=3)
 
     torch.testing.assert_close(logits, zero_shot.logits, rtol=0, atol=1e-5)
@@ -177,7 +178,7 @@ def test_finetuning_with_a_positive_lr_lowers_the_support_loss_and_changes_predi
     model, e = make_model(), episode()
     zero_shot = smat.predict(model, e.support_images, e.support_labels, e.support_images, e.n_way).logits
 
-    tuned, _ = evaluate.finetune_logits(model, e.support_images, e.support_labels, e.support_images, e.n_way,
+    tuned, _ = finetuning.finetune_logits(model, e.support_images, e.support_labels, e.support_images, e.n_way,
                                         mode, lr=1e-2, steps=5)
 
     def loss(logits):
@@ -189,7 +190,7 @@ def test_finetuning_with_a_positive_lr_lowers_the_support_loss_and_changes_predi
 def test_lora_with_zero_initialised_b_leaves_theta_unchanged_and_touches_only_query_and_value():
     model = make_model()
     params = model.layout.unflatten(model.theta_pre)
-    lora = evaluate.FlatLoRA(model.layout, torch.Generator().manual_seed(0))
+    lora = finetuning.FlatLoRA(model.layout, torch.Generator().manual_seed(0))
 
     before = lora(params)
     with torch.no_grad():
@@ -210,8 +211,8 @@ def test_lora_with_zero_initialised_b_leaves_theta_unchanged_and_touches_only_qu
 def test_augmentation_keeps_shapes_and_is_reproducible_from_its_generator():
     images = episode().support_images
 
-    a = evaluate.augment(images, torch.Generator().manual_seed(3))
-    b = evaluate.augment(images, torch.Generator().manual_seed(3))
+    a = finetuning.augment(images, torch.Generator().manual_seed(3))
+    b = finetuning.augment(images, torch.Generator().manual_seed(3))
 
     assert a.shape == images.shape and torch.equal(a, b) and not torch.equal(a, images)
 
