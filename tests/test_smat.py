@@ -1,6 +1,7 @@
 """The SMAT method core (smat.py): each part pinned against a closed form, an oracle or a property."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -240,13 +241,46 @@ def test_router_temperature_follows_the_official_schedule():
         assert temperature.item() == pytest.approx(max(0.5, 5 - n / 4000))
 
 
-def test_spectral_linear_layers_have_unit_spectral_norm():
-    model = make_model(0)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), scale=st.floats(0.01, 100.0))
+def test_the_spectral_linear_forward_divides_the_weight_by_its_largest_singular_value(seed, scale):
+    torch.manual_seed(seed)
+    layer = smat._SpectralLinear(6, 9)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    x = torch.randn(4, 6)
 
-    layer = model.router.qkv
-    effective = layer.weight / torch.linalg.matrix_norm(layer.weight, ord=2)
+    expected = F.linear(x, layer.weight / torch.linalg.matrix_norm(layer.weight, ord=2), layer.bias)
 
-    assert torch.linalg.matrix_norm(effective, ord=2).item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(layer(x), expected)
+    effective = layer.weight / torch.linalg.svdvals(layer.weight)[0]  # a second oracle: the SVD
+    torch.testing.assert_close(layer(x), F.linear(x, effective, layer.bias))
+
+
+def test_the_router_block_equals_torchs_pre_norm_transformer_encoder_layer_with_the_same_weights():
+    """Router.embed is one pre-LN block (no dropout, exact GELU, LayerNorm eps 1e-5) over [P; S], read at
+    position 0: nn.TransformerEncoderLayer(norm_first=True) computes the same with the same weights."""
+    cfg = Config(n_experts=4, router_spectral_norm=False)
+    torch.manual_seed(0)
+    router, dim = smat.Router(16, cfg), 16
+    reference = nn.TransformerEncoderLayer(dim, cfg.router_heads, dim_feedforward=int(dim * cfg.router_mlp_ratio),
+                                           dropout=0.0, activation="gelu", layer_norm_eps=1e-5, batch_first=True,
+                                           norm_first=True).eval()
+    with torch.no_grad():
+        reference.self_attn.in_proj_weight.copy_(router.qkv.weight)
+        reference.self_attn.in_proj_bias.zero_()  # the router's q, k, v projection has no bias
+        reference.self_attn.out_proj.load_state_dict(router.proj.state_dict())
+        reference.linear1.load_state_dict(router.fc1.state_dict())
+        reference.linear2.load_state_dict(router.fc2.state_dict())
+        for norm in (router.norm1, router.norm2):  # non-trivial affine parameters, so their use is checked
+            norm.weight.normal_(1.0, 0.1), norm.bias.normal_(0.0, 0.1)
+        reference.norm1.load_state_dict(router.norm1.state_dict())
+        reference.norm2.load_state_dict(router.norm2.state_dict())
+    prototypes = torch.randn(5, dim)
+
+    expected = reference(torch.cat([prototypes, router.tokens])[None])[0, 0]
+
+    torch.testing.assert_close(router.embed(prototypes), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- § 5 prototypes, cosine head and the inner step ----------------------------------------------
@@ -366,6 +400,121 @@ def test_exactly_the_trainable_tensors_receive_gradients_and_the_backbone_none()
     assert not model.theta_pre.requires_grad and "theta_pre" not in dict(model.named_parameters())
 
 
+def loss_terms_by_hand(model: SMAT, episode, seed: int) -> tuple[dict, dict]:
+    """Every term of one task's loss [SMAT §3.4-3.10], written out with plain torch ops from the model's
+    tensors (the backbone through model.features, the router block through Router.embed: both pinned
+    above), for noise-free gates (mask_sampling "official") and one teacher step. Returns (terms,
+    intermediates): the loss is (1-κ)·ce + κ·(distill_teacher + distill_pre) + sparsity_penalty +
+    router_penalty."""
+    cfg, (xs, ys, xq, yq, n_way) = model.cfg, episode
+    assert cfg.mask_sampling == "official" and cfg.teacher_steps == 1 and cfg.inner_step and cfg.kl_to_pretrained
+
+    def logits(features, prototypes):  # 10·cos
+        return cfg.cosine_scale * F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
+
+    def class_means(features, labels):
+        return torch.stack([features[labels == c].mean(0) for c in range(n_way)])
+
+    def kl_student_teacher(student, teacher):  # (T²/2)·KL(p_s ‖ p_t) at temperature T, mean over queries
+        log_s, log_t = (F.log_softmax(x / cfg.distill_temperature, -1) for x in (student, teacher))
+        return cfg.distill_temperature**2 / 2 * (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+
+    with torch.no_grad():  # the frozen model: prototypes for the router, query logits for the extra KL
+        pre_prototypes = class_means(model.features(model.theta_pre, xs), ys)
+        pre_logits = logits(model.features(model.theta_pre, xq), pre_prototypes)
+    # router: a = K e, w_m = s_m / Σ s, s = σ((a + log u - log(1-u)) / T_r), u from the task's generator
+    a = model.router.keys @ model.router.embed(pre_prototypes)
+    u = torch.rand(cfg.n_experts, generator=torch.Generator().manual_seed(seed)).clamp(1e-6, 1 - 1e-6)
+    t_r = max(cfg.router_temperature_end, cfg.router_temperature_start - (cfg.router_temperature_start
+              - cfg.router_temperature_end) * model.tasks_seen.item() / cfg.router_anneal_tasks)
+    scores = torch.sigmoid((a + u.log() - (1 - u).log()) / t_r)
+    w = scores / (scores.sum() + 1e-8)
+    z = (torch.sigmoid(model.log_alpha / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)  # β = 2/3, (γ, ζ) = (-0.1, 1.1)
+    theta = model.theta_pre + (w @ z) * model.delta
+    # prototype head, then one first-order GD step on the support loss over θ and a detached head
+    prototypes = class_means(model.features(theta, xs), ys)
+    head = prototypes.detach().requires_grad_()
+    support_loss = F.cross_entropy(logits(model.features(theta, xs), head), ys)
+    g_theta, g_head = torch.autograd.grad(support_loss, [theta, head])
+    theta1, prototypes1 = theta - cfg.inner_lr * g_theta, prototypes - cfg.inner_lr * g_head
+    student = logits(model.features(theta1, xq), prototypes1)
+    # the dense teacher: one GD step on the query loss from sg(θ'), sg(W')
+    theta_t, head_t = theta1.detach().requires_grad_(), prototypes1.detach().requires_grad_()
+    g_theta_t, g_head_t = torch.autograd.grad(F.cross_entropy(logits(model.features(theta_t, xq), head_t), yq),
+                                              [theta_t, head_t])
+    with torch.no_grad():
+        teacher = logits(model.features(theta_t - cfg.teacher_lr * g_theta_t, xq), head_t - cfg.teacher_lr * g_head_t)
+    density = torch.sigmoid(model.log_alpha + (2 / 3) * math.log(1.1 / 0.1)).mean(1)  # P(z ≠ 0), mean over P
+    terms = {"ce": F.cross_entropy(student, yq), "distill_teacher": kl_student_teacher(student, teacher),
+             "distill_pre": kl_student_teacher(student, pre_logits),
+             "sparsity_penalty": (w.detach() * model.multipliers * (density - (1 - cfg.sparsity))).sum(),
+             "router_penalty": cfg.router_logit_penalty * a.pow(2).mean()}
+    return terms, {"student": student, "teacher": teacher, "pre_logits": pre_logits}
+
+
+def oracle_model() -> SMAT:
+    model = make_model(0, n_experts=3, mask_sampling="official")
+    with torch.no_grad():  # off the δ = 0, λ = 0 start, so that every term is non-zero
+        model.delta.normal_(0.0, 0.1)
+        model.multipliers.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        model.tasks_seen.fill_(100)
+    return model
+
+
+def test_the_total_loss_equals_its_terms_computed_by_hand():
+    model, episode = oracle_model(), make_episode(0)
+    terms, _ = loss_terms_by_hand(model, episode, seed=5)
+    kappa = model.cfg.distill_weight
+
+    out = smat.meta_train_step(model, *episode, torch.Generator().manual_seed(5))
+
+    expected = ((1 - kappa) * terms["ce"] + kappa * (terms["distill_teacher"] + terms["distill_pre"])
+                + terms["sparsity_penalty"] + terms["router_penalty"])
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-6)  # measured: equal to the last bit
+    assert all(term.abs() > 1e-5 for term in terms.values())  # each term is above the tolerance
+
+
+ROUTER = "router.*"
+GRADIENT_REACHES = {  # loss term -> the parameters it sends gradient to (ROUTER: every router tensor)
+    "ce": {"delta", "log_alpha", ROUTER},
+    "distill_teacher": {"delta", "log_alpha", ROUTER},
+    "distill_pre": {"delta", "log_alpha", ROUTER},
+    "sparsity_penalty": {"log_alpha"},  # w and λ enter stopped: only the expected density has a gradient
+    "router_penalty": {ROUTER},
+}
+
+
+@pytest.mark.parametrize("term", list(GRADIENT_REACHES))
+def test_each_loss_term_sends_gradient_to_exactly_its_tensors(term):
+    model = oracle_model()
+    terms, _ = loss_terms_by_hand(model, make_episode(0), seed=5)
+    names = [name for name, _ in model.named_parameters()]
+
+    grads = torch.autograd.grad(terms[term], [p for _, p in model.named_parameters()], allow_unused=True)
+
+    reached = {name for name, g in zip(names, grads) if g is not None and g.abs().sum() > 0}
+    router = {name for name in names if name.startswith("router.")}
+    expected = {name for name in GRADIENT_REACHES[term] - {ROUTER}} | (router if ROUTER in GRADIENT_REACHES[term] else set())
+    assert reached == expected
+    assert not model.theta_pre.requires_grad  # θ_pre is a buffer: no term can reach it
+
+
+def test_distillation_never_sends_gradient_to_the_teacher_or_the_frozen_model():
+    model = oracle_model()
+    _, parts = loss_terms_by_hand(model, make_episode(0), seed=5)
+    student = parts["student"].detach().requires_grad_()
+    teacher, pre = parts["teacher"].clone().requires_grad_(), parts["pre_logits"].clone().requires_grad_()
+
+    loss = smat.distillation(student, teacher, 2.0) + smat.distillation(student, pre, 2.0)
+    grads = torch.autograd.grad(loss, [student, teacher, pre], allow_unused=True)
+
+    assert grads[0].abs().sum() > 0 and grads[1] is None and grads[2] is None
+    xs, ys, xq, yq, n_way = make_episode(0)
+    theta = model.theta_pre.clone().requires_grad_()
+    prototypes = smat.class_prototypes(model.features(theta, xs), ys, n_way)
+    assert not smat.dense_teacher(model.features, theta, prototypes, xq, yq, model.cfg).requires_grad
+
+
 def test_delta_gets_no_gradient_where_the_merged_mask_is_zero():
     model = make_model(0, inner_step=False, teacher=False, mask_sampling="official")
     with torch.no_grad():  # noise-free gates: log α at the lower bound is exactly off
@@ -477,3 +626,75 @@ def test_precomputed_eval_gates_give_the_same_prediction():
     cached = smat.predict(model, xs, ys, xq, n_way, gates=smat.eval_gates(model.log_alpha))
 
     torch.testing.assert_close(cached.logits, smat.predict(model, xs, ys, xq, n_way).logits)
+
+
+def hand_built_outputs(sparsity: list[list[float]], weights: list[list[float]], tau: float) -> list[smat.StepOutput]:
+    """StepOutputs of a meta-batch with chosen ŝ and w (the loss is not used by the meta-update)."""
+    outputs = []
+    for s, w in zip(sparsity, weights):
+        s, w = torch.tensor(s), torch.tensor(w)
+        outputs.append(smat.StepOutput(torch.zeros(()), {"ce": torch.tensor(1.0)}, w, s, w * (tau - s)))
+    return outputs
+
+
+def test_dual_ascent_grows_the_multiplier_of_a_too_dense_expert_and_resets_a_sparse_enough_one():
+    model = make_model(0, n_experts=2, meta_batch=2, sparsity=0.9, multiplier_lr=0.1)
+    model.multipliers.copy_(torch.tensor([0.5, 0.5]))
+    # expert 0: ŝ = 0.2, 0.4 < τ (too dense); expert 1: ŝ = 0.95, 0.93 ≥ τ on average (sparse enough)
+    outputs = hand_built_outputs([[0.2, 0.95], [0.4, 0.93]], [[0.6, 0.4], [0.3, 0.7]], tau=0.9)
+
+    batch = smat.meta_update(model, smat.MetaOptimizer(model), outputs, lr_scale=1.0)
+
+    violation = (0.6 * (0.9 - 0.2) + 0.3 * (0.9 - 0.4)) / 2  # mean_i w_i0 (τ - ŝ_i0) = 0.285
+    assert model.multipliers[0].item() == pytest.approx(0.5 + 0.1 * violation)  # λ_0 grows by η_λ·violation
+    assert model.multipliers[1].item() == 0.0  # mean ŝ_1 = 0.94 ≥ τ: the constraint holds, λ_1 resets
+    assert batch.sparsity.tolist() == pytest.approx([0.3, 0.94])
+
+
+def test_meta_update_stops_on_a_non_finite_loss_before_changing_any_parameter():
+    model = make_model(0, n_experts=2, meta_batch=1)
+    model.delta.grad = torch.ones_like(model.delta)
+    outputs = hand_built_outputs([[0.2, 0.2]], [[0.5, 0.5]], tau=0.9)
+    outputs[0].terms["ce"] = torch.tensor(float("nan"))
+    before = model.delta.detach().clone()
+
+    with pytest.raises(smat.NonFiniteLoss, match="non-finite ce"):
+        smat.meta_update(model, smat.MetaOptimizer(model), outputs, lr_scale=1.0)
+
+    assert torch.equal(model.delta, before) and model.multipliers.abs().sum() == 0
+
+
+def record_grad_norm(norms: dict, name: str, optimizer: torch.optim.Optimizer, *_) -> None:
+    norms[name] = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in optimizer.param_groups[0]["params"]]))
+
+
+def test_each_parameter_group_has_its_optimiser_lr_weight_decay_momentum_and_clip():
+    model = make_model(0)
+    cfg, optimizer = model.cfg, smat.MetaOptimizer(model)
+    router = list(model.router.parameters())
+    expected = {  # name: (class, parameters, lr, weight decay, momentum, clip on the group's grad norm)
+        "delta": (torch.optim.SGD, [model.delta], cfg.delta_lr, cfg.delta_weight_decay, cfg.delta_momentum, None),
+        "mask": (torch.optim.SGD, [model.log_alpha], cfg.mask_lr, 0.0, 0.0, cfg.mask_clip),
+        "router": (torch.optim.AdamW, router, cfg.router_lr, cfg.router_weight_decay, None, cfg.router_clip),
+    }
+    assert set(optimizer.optimizers) == set(expected)
+    norms = {}
+    for name, (cls, params, lr, decay, momentum, clip) in expected.items():
+        opt = optimizer.optimizers[name]
+        (group,) = opt.param_groups
+        assert type(opt) is cls and [id(p) for p in group["params"]] == [id(p) for p in params]
+        assert group["lr"] == lr and group["weight_decay"] == decay
+        assert momentum is None or group["momentum"] == momentum
+        opt.register_step_pre_hook(partial(record_grad_norm, norms, name))  # the grads the step will use
+    for p in model.parameters():  # gradients far above every clip
+        p.grad = torch.full_like(p, 100.0)
+
+    optimizer.step(1.0, torch.zeros(cfg.n_experts), torch.zeros(cfg.n_experts))
+
+    assert norms["mask"].item() == pytest.approx(cfg.mask_clip, rel=1e-5)  # clip_grad_norm_ leaves ~1e-6 below
+    assert norms["router"].item() == pytest.approx(cfg.router_clip, rel=1e-5)
+    assert norms["delta"].item() == pytest.approx(100.0 * model.delta.numel() ** 0.5)  # δ is not clipped
+    # the defaults: the official set-up [official: SIE L737-760, trainer L119-122] but for the CPU profile's lrs
+    assert (cfg.delta_momentum, cfg.delta_weight_decay, cfg.mask_lr, cfg.mask_clip, cfg.router_lr,
+            cfg.router_weight_decay, cfg.router_clip) == (0.9, 1e-4, 1e6, 5.0, 1e-3, 1e-2, 1.0)
+

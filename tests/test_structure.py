@@ -1,0 +1,62 @@
+"""The shape of the house: the top-level modules import one way, and none patches another's internals."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {path.stem: path for path in sorted(ROOT.glob("*.py"))}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports anywhere in the file (top level, functions, `__main__` blocks)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def project_imports() -> dict[str, set[str]]:
+    return {name: {m.split(".")[0] for m in imported_modules(path)} & MODULES.keys()
+            for name, path in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A path a -> b -> ... -> a in `graph` (a module importing itself counts), or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles_and_self_imports():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_modules_import_one_way():
+    graph = project_imports()
+
+    assert {"smat", "data", "train", "evaluate", "rundir"} <= graph.keys()
+    assert find_cycle(graph) is None
+    assert "train" not in graph["evaluate"]  # training calls evaluation, never the other way round
+    assert not graph["rundir"] & {"train", "evaluate"}  # the shared plumbing imports neither command line
+
+
+def test_no_library_module_uses_unittest_mock():
+    assert [name for name, path in MODULES.items() if any(m.startswith("unittest") for m in imported_modules(path))] == []
