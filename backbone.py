@@ -50,14 +50,13 @@ class ViTSpec:
 
 PRESETS: dict[str, ViTSpec] = {
     # CPU stand-in for ViT-S/16 on 32x32 images: a 4x4 grid of 8-px patches + CLS, 0.21 M parameters.
-    # Forward over 75 images: ~9.5 ms median on the 2-core CPU sandbox, 2026-11-27 (patch 4, an 8x8
-    # grid: ~42 ms), so the default run's ~10^4 episode forwards fit its 10-minute budget.
+    # 8-px patches, not 4, so that the default run fits its 10-minute CPU budget (docs/performance.md).
     "tiny": ViTSpec(patch_size=8, dim=64, depth=4, heads=4, mlp_ratio=4.0, grid_size=4),
     "vit_small_patch16": ViTSpec(16, 384, 12, 6, 4.0, 14),  # DINO ViT-S/16, 21.7 M parameters
     "vit_base_patch16": ViTSpec(16, 768, 12, 12, 4.0, 14),  # DINO ViT-B/16, 85.8 M parameters
 }
 
-# Backbone-only files: flat timm-style keys, no head [ecosystem §4.5].
+# Backbone-only files: flat timm-style keys, no head [DINO README, "pretrained models"].
 _DINO_ROOT = "https://dl.fbaipublicfiles.com/dino"
 DINO_URLS: dict[str, str] = {
     "vit_small_patch16": f"{_DINO_ROOT}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",

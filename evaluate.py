@@ -78,7 +78,9 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Accuracy of `model` on `episodes` seeded episodes of every source: the DESIGN §5 results dict.
+    """Accuracy of `model` on `episodes` seeded episodes of every source, as one results dict: per
+    domain its split, mean and 95% CI, per-episode accuracies and mean router weights; the ID and OOD
+    averages; the protocol, seed and config (and, for SMAT, the tested model's sparsity).
 
     `cfg` gives the protocol and image size (the model's own config gives the method). The same
     `seed` yields the same episodes for every model. `baseline="pretrained"` is "Pre": ProtoNet on

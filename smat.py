@@ -8,9 +8,9 @@ student and holds every expert at a target sparsity τ with a Lagrangian constra
 
 Paper: Chen, Tack, Yang, Teh, Schwarz, Wei. "Unleashing the Power of Meta-tuning for Few-shot
 Generalization Through Sparse Interpolated Experts". ICML 2024, arXiv 2403.08477 (v1). The paper's
-equation numbers are not available to us: tags cite sections of our spec (`[SMAT §3.x]`, see
-docs/method.md) and the official code at commit 302a914 (`[official: SIE Lnnn]`, SIE =
-src/learners/meta_learners/sparse_interpolated_experts.py). Choices that differ from either are
+equation numbers are not available to us: tags name the method's parts by the numbers docs/method.md
+lists (`[SMAT §3.9]`: the sparsity constraint) and cite the official code at commit 302a914
+(`[official: SIE Lnnn]`, SIE = src/learners/meta_learners/sparse_interpolated_experts.py). Choices that differ from either are
 marked `NOTE:` and listed in docs/deviations.md.
 
 Reading guide: start at `meta_train_step` (§7), one screen that reads like the algorithm; §2-§6 are

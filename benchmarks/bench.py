@@ -1,4 +1,4 @@
-"""Speed and memory of SMAT's training step and zero-shot inference (DESIGN §6, issue 6).
+"""Speed and memory of SMAT's training step and zero-shot inference (docs/performance.md).
 
 A benchmark, not a test. For each backbone preset, episode shape and expert count it measures the
 median milliseconds per episode (after warm-up; CUDA synchronised) and the memory of:
@@ -376,7 +376,8 @@ def format_row(r: dict) -> str:
             f"{_fmt(r['peak_mib'], '9.0f'):>9} {_fmt(r['saved_mib'], '9.1f'):>9}")
 
 
-# DESIGN §6 targets for ViT-S/16 at 128 px on an H100/H200, and the official implementation's anchors
+# The targets for ViT-S/16 at 128 px on an H100/H200 and the official implementation's anchors
+# (docs/performance.md, "Targets and anchors")
 TARGETS = {"smat_ms": 60.0, "peak_gib": 4.0, "experts_16_over_8": 1.15, "smat_over_pmf": 3.0,
            "predict_over_protonet": 1.3}
 OFFICIAL = {("10w2s", 8): (403.0, 8.8), ("20w18s", 8): (529.0, 16.2), ("10w2s", 16): (505.0, 13.3)}  # ms, GiB

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default OUT_DIR: $OUT, else benchmarks/results)
 #
 # Prints the card and torch version, the test summary, the benchmark table and its summary against the
-# DESIGN §6 targets; writes OUT_DIR/gpu_check.json (rows are saved as they are measured, so a run cut
+# targets of docs/performance.md; writes OUT_DIR/gpu_check.json (rows are saved as they are measured, so a run cut
 # short keeps what it has). When git can show it, the pre-optimisation smat.py (commit 4582ba9) is
 # measured interleaved with the current one (rows "base:smat", "base:pmf", ...), so before/after come
 # from the same card at the same moment. Times out each stage rather than overrunning the budget.

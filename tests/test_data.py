@@ -1,5 +1,5 @@
-"""Tests for data.py: sampler properties (ecosystem.md §1.6), episodes, the embedded benchmark and each
-real source on data the test itself creates."""
+"""Tests for data.py, benchmark.py and readers.py: sampler properties (Meta-Dataset's bounds, data.py § 2),
+episodes, the embedded benchmark and each real source on data the test itself creates."""
 
 import json
 import pickle
@@ -23,7 +23,7 @@ class_sizes = st.lists(st.sampled_from([6, 7, 12, 20, 40, 300, 1300]) | st.integ
 
 
 def check_variable_bounds(plan: data.EpisodePlan, sizes: list[int]) -> None:
-    """Every bound of ecosystem.md §1.6 for one variable-way/shot plan."""
+    """Every bound of Meta-Dataset's variable-way/shot sampler (data.py § 2) for one plan."""
     chosen = np.asarray(sizes)[list(plan.classes)]
     ways = len(plan.classes)
     assert data.MIN_WAYS <= ways <= min(data.MAX_WAYS_UPPER_BOUND, len(sizes))

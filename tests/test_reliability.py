@@ -1,4 +1,4 @@
-"""Reliability (DESIGN §7, docs/reliability.md): a catalogue of bad inputs through the command lines,
+"""Reliability (docs/reliability.md): a catalogue of bad inputs through the command lines,
 runs killed with SIGKILL and resumed, checkpoints that would run code, a non-finite loss, corrupt caches.
 
 The data are two small image-folder domains drawn here and a small random ViT saved as a backbone
