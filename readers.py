@@ -188,7 +188,7 @@ def _open_torchvision(name: str, root: Path, arguments: dict) -> tuple[object, l
 def _torchvision_part(cls: type, root: Path, arguments: dict,
                       local: bool) -> tuple[object, list[int], list[str] | None]:
     """Every private detail of torchvision this project relies on, and only here. Written against
-    torchvision 0.19-0.29 (tested with 0.29.1): if a release renames one, this function changes.
+    torchvision 0.29.1 (the version the tests run with): if a release renames one, this changes.
 
     `local=True` reads what lies under ROOT without the download MD5s (hashing gigabytes, or lacking
     the archive one extracted, should not stop a local read), through a subclass of `cls` under the

@@ -361,8 +361,7 @@ class Monitor:
     def log(self, batch: smat.MetaBatch) -> None:
         run = self.run
         rate = (run.episodes_done - self.start_episode) / (time.perf_counter() - self.started)
-        record = log_record(run.step, run.episodes_done, batch.stats, batch.sparsity, batch.weights, run.model,
-                            run.cfg, rate)
+        record = log_record(run, batch, rate)
         self._append(record)
         self.bar.update(self.task, completed=run.episodes_done, stats=short_stats(record))
 
@@ -375,17 +374,18 @@ class Monitor:
             f.write(json.dumps(record) + "\n")
 
 
-def log_record(step, episodes, stats, sparsity, weights, model, cfg, rate) -> dict:
+def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
     """One line of metrics.jsonl (docs/metrics.md says what each field means and healthy values)."""
-    total_steps = math.ceil(cfg.episodes / cfg.meta_batch)
-    record = {"step": step, "episode": episodes, "lr_scale": lr_scale(step - 1, total_steps, cfg.warmup_fraction)}
-    record |= {k: round(v.item(), 5) for k, v in stats.items()}
+    cfg, model, sparsity = run.cfg, run.model, batch.sparsity
+    record = {"step": run.step, "episode": run.episodes_done,
+              "lr_scale": lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction)}
+    record |= {k: round(v.item(), 5) for k, v in batch.stats.items()}
     if cfg.uses_masks:
         record |= {
             "sparsity": [round(s, 4) for s in sparsity.tolist()],
             "sparsity_mean": round(sparsity.mean().item(), 4), "sparsity_std": round(sparsity.std(correction=0).item(), 4),
             "multiplier_mean": round(model.multipliers.mean().item(), 5),
-            "router_entropy": round(router_entropy(weights).item(), 4),
+            "router_entropy": round(router_entropy(batch.weights).item(), 4),
             "router_temperature": round(smat.router_temperature(cfg, model.tasks_seen).item(), 4),
             "expected_density_mean": round(smat.expected_density(model.log_alpha.detach()).mean().item(), 4),
         }
