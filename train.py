@@ -437,6 +437,7 @@ def main(
     teacher: Annotated[Optional[bool], typer.Option("--teacher/--no-teacher", help="dense teacher + distillation")] = None,
     kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", help="extra KL to the frozen model")] = None,
     mask_sampling: Annotated[Optional[str], typer.Option(help="stochastic (Louizos) or official (noise-free)")] = None,
+    constraint_gates: Annotated[Optional[str], typer.Option(help="gates ŝ ≥ τ counts: test (default) or sampled")] = None,
     precision: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (GPU autocast)")] = None,
     test_episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="episodes between resumable checkpoints")] = None,
@@ -447,7 +448,7 @@ def main(
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
                  "data": data_spec, "backbone": backbone, "teacher": teacher, "kl_to_pretrained": kl_pretrained,
-                 "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes,
+                 "mask_sampling": mask_sampling, "constraint_gates": constraint_gates, "precision": precision, "test_episodes": test_episodes,
                  "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -467,7 +468,7 @@ def main(
 
 def make_config(profile: str, overrides: dict, resume: Path | None) -> Config:
     choices = {"method": ("smat", "pmf"), "mask_sampling": ("stochastic", "official"),
-               "precision": ("bf16", "fp16", "fp32")}
+               "constraint_gates": ("test", "sampled"), "precision": ("bf16", "fp16", "fp32")}
     for name, valid in choices.items():
         if name in overrides and overrides[name] not in valid:
             raise smat.ConfigError(f"{name} = {overrides[name]!r} is not valid; use one of {', '.join(valid)}")
