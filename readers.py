@@ -153,6 +153,7 @@ TORCHVISION_DATASETS: dict[str, tuple[str, tuple[dict, ...]]] = {
     "cifar10": ("CIFAR10", ({"train": True}, {"train": False})),
     "cifar100": ("CIFAR100", ({"train": True}, {"train": False})),
     "mnist": ("MNIST", ({"train": True}, {"train": False})),
+    "fashionmnist": ("FashionMNIST", ({"train": True}, {"train": False})),
     "fgvc_aircraft": ("FGVCAircraft", ({"split": "trainval"}, {"split": "test"})),
     "dtd": ("DTD", ({"split": "train"}, {"split": "val"}, {"split": "test"})),
     "flowers102": ("Flowers102", ({"split": "train"}, {"split": "val"}, {"split": "test"})),

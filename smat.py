@@ -52,6 +52,7 @@ class ConfigError(ValueError):
 Method = Literal["smat", "pmf"]
 MaskSampling = Literal["stochastic", "official"]
 Precision = Literal["bf16", "fp16", "fp32"]
+ConstraintGates = Literal["test", "sampled"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Config:
     mask_sampling: MaskSampling = "stochastic"  # §2; official = noise-free, β=1 at test
     # NOTE: which gates the constraint ŝ_m ≥ τ counts: "test" = the deterministic gates the evaluated
     # model uses (default), "sampled" = the training sample, as the paper and the official code.
-    constraint_gates: Literal["test", "sampled"] = "test"
+    constraint_gates: ConstraintGates = "test"
     router_tokens: int = 4  # learnable "skill" tokens appended to the prototypes [official: SIE L97]
     router_heads: int = 4  # heads of the router's attention block [official: SIE L98-100]
     router_mlp_ratio: float = 2.0

@@ -452,6 +452,7 @@ def main(
     kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model", field="kl_to_pretrained")] = None,
     kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
     mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)", field="mask_sampling")] = None,
+    constraint_gates: Annotated[Optional[smat.ConstraintGates], option(help="the gates ŝ ≥ τ counts: test (the evaluated model's) or sampled (the paper's)", field="constraint_gates")] = None,
     precision: Annotated[Optional[smat.Precision], option(help="GPU autocast dtype (CPU runs in fp32)", field="precision")] = None,
     test_episodes: Annotated[Optional[int], option(help="test episodes per domain", field="test_episodes")] = None,
     checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints", field="checkpoint_every")] = None,
@@ -463,7 +464,8 @@ def main(
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
                  "data": data_spec, "backbone": backbone, "teacher": teacher,
                  "kl_to_pretrained": kl_pretrained if kl_to_pretrained is None else kl_to_pretrained,
-                 "mask_sampling": mask_sampling, "precision": precision, "test_episodes": test_episodes,
+                 "mask_sampling": mask_sampling, "constraint_gates": constraint_gates, "precision": precision,
+                 "test_episodes": test_episodes,
                  "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:

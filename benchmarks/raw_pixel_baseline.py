@@ -1,7 +1,7 @@
 """Difficulty of the embedded benchmark: a prototype classifier on raw pixels, per domain, and the
 picture grid of docs/benchmark.md.
 
-Run from the repository root:  python benchmarks/raw_pixel_baseline.py [--episodes 600]
+Run from the repository root:  python benchmarks/raw_pixel_baseline.py [--episodes 600] [--data SPEC]
 Prints a markdown table (mean accuracy and 95% CI = 1.96 std / sqrt(n), 5-way 5-shot 15 queries on
 the TEST classes, the same deterministic episodes every method is evaluated on) and writes
 docs/benchmark_domains.png (4 classes x 5 instances per domain).
@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark  # noqa: E402
 import data  # noqa: E402
+import readers  # noqa: E402
 
 
 def prototype_accuracy(episode: data.Episode) -> float:
@@ -52,9 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--grid", type=Path, default=Path("docs/benchmark_domains.png"))
+    parser.add_argument("--data", default=None, help="another --data string (e.g. folder:PATH@ood); no grid")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as cache:  # a fresh build, as on a new machine
-        sources = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(cache))
+    if args.data:
+        sources, args.grid = readers.parse_data_spec(args.data, 32), None
+    else:
+        with tempfile.TemporaryDirectory() as cache:  # a fresh build, as on a new machine
+            sources = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(cache))
     protocol = data.Protocol("fixed", ways=5, shots=5, queries=15)
     print("| domain | split | raw-pixel ProtoNet accuracy (%) | 95% CI |")
     print("| --- | --- | ---: | ---: |")
@@ -63,9 +68,10 @@ def main() -> None:
             source, "test", protocol, args.episodes, seed=0, image_size=32)])
         ci = 1.96 * accuracy.std() / np.sqrt(len(accuracy))
         print(f"| {source.name} | {source.split.upper()} | {accuracy.mean():.1f} | {ci:.1f} |", flush=True)
-    args.grid.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(sources, args.grid)
-    print(f"wrote {args.grid}")
+    if args.grid:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(sources, args.grid)
+        print(f"wrote {args.grid}")
 
 
 if __name__ == "__main__":

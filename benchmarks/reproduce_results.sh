@@ -9,8 +9,8 @@
 # 2. sparsity sweep: SMAT at τ = 0.5, 0.7, 0.95 (τ = 0.9 is the main runs), seeds 0, 1, 2, tested on
 #    the first SWEEP_EPISODES of those episodes.
 # 3. real glyphs: a tree of real font renderings (benchmarks/make_glyph_check.py, never seen in
-#    pretraining or meta-training) as OOD test domains for every main run, GLYPH_EPISODES per domain,
-#    written to $OUT/glyphs/<run>/ (the runs' own results stay untouched).
+#    pretraining or meta-training) as OOD test domains for every run of 1 and 2, GLYPH_EPISODES per
+#    domain, written to $OUT/glyphs/<run>/ (the runs' own results stay untouched).
 # Rerunning skips finished runs and evaluations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ glyphs() {  # glyphs RUN: the run on the real-glyph domains, results in $OUT/gly
   "$PYTHON" evaluate.py "$OUT/$run" --data "folder:$OUT/glyph_check@ood" --episodes "$GLYPH_EPISODES" \
     --out "$OUT/glyphs" > "$OUT/glyphs-$run.log" 2>&1
 }
-export -f train glyphs; export OUT PYTHON
+export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
 
 {
   for seed in $SEEDS; do
@@ -52,5 +52,10 @@ export -f train glyphs; export OUT PYTHON
 } | xargs -P "$JOBS" -L 1 bash -c 'train "$@"' _
 
 [ -d "$OUT/glyph_check" ] || "$PYTHON" benchmarks/make_glyph_check.py "$OUT/glyph_check"
-for seed in $SEEDS; do echo "pmf-seed$seed"; echo "smat-seed$seed"; done | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
+{
+  for seed in $SEEDS; do
+    echo "pmf-seed$seed"; echo "smat-seed$seed"
+    for tau in 0.5 0.7 0.95; do echo "smat-s$tau-seed$seed"; done
+  done
+} | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
 echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results.json"

@@ -27,10 +27,10 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def seeds_of(root: Path, prefix: str) -> list[dict]:
-    """results.json of every finished seed of a run family, e.g. prefix "smat" -> smat-seed0, ..."""
-    found = sorted(root.glob(f"{prefix}-seed*/results.json"))
-    return [load(path) for path in found]
+def seeds_of(root: Path, prefix: str) -> dict[int, dict]:
+    """{seed: results.json} of every finished seed of a run family, e.g. "smat" -> smat-seed0, ..."""
+    found = root.glob(f"{prefix}-seed*/results.json")
+    return {int(path.parent.name.rsplit("seed", 1)[1]): load(path) for path in sorted(found)}
 
 
 def first(results: dict, n: int) -> dict:
@@ -44,9 +44,9 @@ def first(results: dict, n: int) -> dict:
                       "ood_avg": evaluate._average(domains, "ood")}
 
 
-def seed_interval(a: list[dict], b: list[dict], key: str) -> str:
-    """Per-seed differences of the averages (a_s − b_s), and their t-interval over seeds."""
-    differences = [x[key] - y[key] for x, y in zip(a, b) if x[key] is not None]
+def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
+    """Per-seed differences of the averages (a_s − b_s, seeds both have), and their t-interval over seeds."""
+    differences = [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s][key] is not None]
     if not differences:
         return "-"
     cells = ", ".join(f"{d:+.2f}" for d in differences)
@@ -56,9 +56,9 @@ def seed_interval(a: list[dict], b: list[dict], key: str) -> str:
     return f"{statistics.fmean(differences):+.2f} ± {half:.2f} (seeds: {cells})"
 
 
-def comparison(pre: dict, pmf: list[dict], smat: list[dict], title: str) -> str:
+def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: str) -> str:
     """Pre, PMF, SMAT (seed means) per domain, and the paired differences."""
-    pmf_mean, smat_mean = evaluate.average_runs(pmf), evaluate.average_runs(smat)
+    pmf_mean, smat_mean = evaluate.average_runs(list(pmf.values())), evaluate.average_runs(list(smat.values()))
     differences = {"SMAT − PMF": evaluate.paired_difference(smat_mean, pmf_mean),
                    "SMAT − Pre": evaluate.paired_difference(smat_mean, pre),
                    "PMF − Pre": evaluate.paired_difference(pmf_mean, pre)}
@@ -66,7 +66,7 @@ def comparison(pre: dict, pmf: list[dict], smat: list[dict], title: str) -> str:
     text = f"#### {title}\n\n" + evaluate.markdown_table([pre, pmf_mean, smat_mean], names, differences)
     rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
             "|---|---:|---:|---:|"]
-    pres = [pre] * len(smat)
+    pres = {seed: pre for seed in smat.keys() | pmf.keys()}
     for key, label in (("id_avg", "ID"), ("ood_avg", "OOD")):
         if smat_mean[key] is not None:
             rows.append(f"| {label} | {seed_interval(smat, pmf, key)} | {seed_interval(smat, pres, key)} | "
@@ -76,9 +76,9 @@ def comparison(pre: dict, pmf: list[dict], smat: list[dict], title: str) -> str:
             f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
 
 
-def sparsity_rows(runs: list[dict]) -> str:
+def sparsity_rows(runs: dict[int, dict]) -> str:
     """The tested models' sparsity, mean over seeds (and experts)."""
-    reports = [r["sparsity"] for r in runs]
+    reports = [r["sparsity"] for r in runs.values()]
     per_expert = [s for report in reports for s in report["per_expert"]]
     return (f"{statistics.fmean(per_expert):.3f} [{min(per_expert):.3f}, {max(per_expert):.3f}] | "
             f"{statistics.fmean(r['binary_fraction'] for r in reports):.3f} | "
@@ -86,21 +86,26 @@ def sparsity_rows(runs: list[dict]) -> str:
 
 
 def sweep(root: Path, episodes: int, plot: Path | None) -> str:
-    lines = ["| τ | seeds | ID avg ± CI | OOD avg ± CI | per-expert test sparsity [min, max] | "
-             "gates exactly 0/1 | task update density |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| τ | seeds | ID avg ± CI | OOD avg ± CI | real glyphs (OOD) avg ± CI | per-expert test sparsity "
+             "[min, max] | gates exactly 0/1 | task update density |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     points = {}
     for tau in SWEEP:
-        runs = seeds_of(root, "smat" if tau == 0.9 else f"smat-s{tau}")
+        prefix = "smat" if tau == 0.9 else f"smat-s{tau}"
+        runs = seeds_of(root, prefix)
         if not runs:
             continue
-        mean = evaluate.average_runs([first(r, episodes) for r in runs])
+        mean = evaluate.average_runs([first(r, episodes) for r in runs.values()])
         points[tau] = mean
         (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(mean, "id"), evaluate.split_average(mean, "ood")
+        glyphs = seeds_of(root / "glyphs", prefix)
+        glyph = evaluate.split_average(evaluate.average_runs(list(glyphs.values())), "ood") if glyphs else None
+        glyph_cell = f"{glyph[0]:.2f} ± {glyph[1]:.2f} ({len(glyphs)} seeds)" if glyph else "-"
         lines.append(f"| {tau} | {len(runs)} | {id_mean:.2f} ± {id_ci:.2f} | {ood_mean:.2f} ± {ood_ci:.2f} | "
-                     f"{sparsity_rows(runs)} |")
+                     f"{glyph_cell} | {sparsity_rows(runs)} |")
     if plot and points:
         evaluate.plot_sparsity_sweep(points, plot)
-    return "\n".join(lines) + f"\n\nFirst {episodes} test episodes per domain of every run, seed-averaged.\n"
+    return "\n".join(lines) + (f"\n\nEmbedded: the first {episodes} test episodes per domain of every run; real "
+                               f"glyphs: all of their episodes; seed-averaged per episode.\n")
 
 
 def main() -> None:
@@ -111,7 +116,10 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root
     pmf, smat = seeds_of(root, "pmf"), seeds_of(root, "smat")
-    pre = smat[0]["baselines"]["Pre"]
+    pre = next(iter(smat.values()))["baselines"]["Pre"]
+    # Pre depends on the shipped backbone and the episodes only: every run must have measured the same
+    assert all(r["baselines"]["Pre"]["domains"][d]["accuracies"] == pre["domains"][d]["accuracies"]
+               for r in [*smat.values(), *pmf.values()] for d in pre["domains"])
     print(comparison(pre, pmf, smat, "Embedded benchmark, zero-shot"))
     print("#### Sparsity of the tested models (best.pt of each run)\n")
     print("| method | per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |\n"
@@ -120,7 +128,8 @@ def main() -> None:
     print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot))
     glyph_pmf, glyph_smat = seeds_of(root / "glyphs", "pmf"), seeds_of(root / "glyphs", "smat")
     if glyph_smat and glyph_pmf:
-        print(comparison(glyph_smat[0]["baselines"]["Pre"], glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
+        glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
+        print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
     (["--precision", "fp8"], "'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
     (["--profile", "gpu"], "--profile"),
     (["--test-episodes", "1"], "test_episodes"),
+    (["--constraint-gates", "both"], "--constraint-gates"),
+    (["--constraint-gates", "sampled", "--sparsity", "0.96"], "cannot be reached"),
 ])
 def test_bad_flags_exit_with_code_2_and_one_line(flags, words, tmp_path):
     result = CliRunner().invoke(train.app, [*flags, "--out", str(tmp_path / "never")])
