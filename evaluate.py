@@ -508,22 +508,29 @@ def split_average(results: dict, split: str) -> tuple[float, float] | None:
     return confidence_interval(_per_episode(results, names).mean(1))
 
 
-def plot_sparsity_sweep(sweep: dict[float, dict], path: Path) -> None:
+def plot_sparsity_sweep(sweep: dict[float, dict], path: Path, references: dict[str, dict] | None = None) -> None:
     """ID and OOD average accuracy (± 95% CI over episodes) against the target sparsity τ, one point
-    per τ; `sweep` maps τ to a results dict (one run, or average_runs of several seeds)."""
+    per τ; `sweep` maps τ to a results dict (one run, or average_runs of several seeds).
+    `references` (e.g. {"Pre": ..., "PMF": ...}) are drawn as labelled horizontal lines per split."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(5.5, 3.8))
     taus = sorted(sweep)
     for split, colour in (("id", "tab:blue"), ("ood", "tab:orange")):
         points = [(tau, split_average(sweep[tau], split)) for tau in taus]
         points = [(tau, value) for tau, value in points if value is not None]
-        if points:
-            axes.errorbar([t for t, _ in points], [v[0] for v in (p for _, p in points)],
-                          yerr=[v[1] for v in (p for _, p in points)], fmt="o-", capsize=3, color=colour,
-                          label=f"{split.upper()} average")
+        if not points:
+            continue
+        axes.errorbar([t for t, _ in points], [v[0] for _, v in points], yerr=[v[1] for _, v in points],
+                      fmt="o-", capsize=3, color=colour, label=f"SMAT, {split.upper()} average")
+        for (name, reference), style in zip((references or {}).items(), (":", "--", "-.")):
+            level = split_average(reference, split)
+            if level is not None:
+                axes.axhline(level[0], linestyle=style, color=colour, linewidth=1)
+                axes.annotate(f"{name} {split.upper()}", (taus[-1], level[0]), textcoords="offset points",
+                              xytext=(4, 0), fontsize=7, color=colour, va="center")
     axes.set_xlabel("target sparsity τ")
     axes.set_ylabel("accuracy % (± 95% CI over episodes)")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="center left")
     _save(figure, path)
 
 

@@ -85,7 +85,7 @@ def sparsity_rows(runs: dict[int, dict]) -> str:
             f"{statistics.fmean(r['task_update_density'] for r in reports):.3f}")
 
 
-def sweep(root: Path, episodes: int, plot: Path | None) -> str:
+def sweep(root: Path, episodes: int, plot: Path | None, references: dict[str, dict]) -> str:
     lines = ["| τ | seeds | ID avg ± CI | OOD avg ± CI | real glyphs (OOD) avg ± CI | per-expert test sparsity "
              "[min, max] | gates exactly 0/1 | task update density |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     points = {}
@@ -103,7 +103,7 @@ def sweep(root: Path, episodes: int, plot: Path | None) -> str:
         lines.append(f"| {tau} | {len(runs)} | {id_mean:.2f} ± {id_ci:.2f} | {ood_mean:.2f} ± {ood_ci:.2f} | "
                      f"{glyph_cell} | {sparsity_rows(runs)} |")
     if plot and points:
-        evaluate.plot_sparsity_sweep(points, plot)
+        evaluate.plot_sparsity_sweep(points, plot, {name: first(r, episodes) for name, r in references.items()})
     return "\n".join(lines) + (f"\n\nEmbedded: the first {episodes} test episodes per domain of every run; real "
                                f"glyphs: all of their episodes; seed-averaged per episode.\n")
 
@@ -125,7 +125,8 @@ def main() -> None:
     print("| method | per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |\n"
           "|---|---:|---:|---:|")
     print(f"| SMAT τ = 0.9 | {sparsity_rows(smat)} |\n")
-    print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot))
+    references = {"Pre": pre, "PMF": evaluate.average_runs(list(pmf.values()))}
+    print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot, references))
     glyph_pmf, glyph_smat = seeds_of(root / "glyphs", "pmf"), seeds_of(root / "glyphs", "smat")
     if glyph_smat and glyph_pmf:
         glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
