@@ -186,7 +186,7 @@ T, E = train.app, evaluate.app
 CASES = {
     "sparsity 1 (the interval is open)": lambda a, ws: (T, train_args(a, ws, "--sparsity", "1.0"), "[0, 1)"),
     "negative sparsity": lambda a, ws: (T, train_args(a, ws, "--sparsity", "-0.1"), "sparsity"),
-    "negative experts": lambda a, ws: (T, train_args(a, ws, "--experts", "-1"), ">= 1"),
+    "negative experts": lambda a, ws: (T, train_args(a, ws, "--experts", "-1"), "in [1, 1024]"),
     "negative episodes": lambda a, ws: (T, train_args(a, ws, "--episodes", "-5"), "episodes"),
     "more ways than classes": lambda a, ws: (T, train_args(a, ws, data_spec=edited_domain(a, ws, remove_classes)),
                                              "use at most"),
