@@ -499,10 +499,11 @@ def check_classes(run_dir: Path, sources: list, every_source: bool) -> None:
             raise RunError(f"domain {name} is @{is_['split']} here but was @{was['split']} when the run started "
                            f"({path}), so its partitions differ (an @ood domain tests every class, the trained ones "
                            f"too); mark it @{was['split']} as the run did")
+        home = {c: p for p in data.PARTITIONS for c in was[p]["classes"]}
         for partition in ("test", "val", "train"):
             old, new = was[partition], is_[partition]
             if old["classes"] != new["classes"]:
-                added = sorted(set(new["classes"]) - set(old["classes"]))
+                added = [f"{c} (was {home.get(c, 'absent')})" for c in sorted(set(new["classes"]) - set(old["classes"]))]
                 removed = sorted(set(old["classes"]) - set(new["classes"]))
                 raise RunError(f"domain {name}, {partition} classes differ from those recorded in {path}: added "
                                f"{added[:3]}, removed {removed[:3]}; the data changed since the run started, and a "

@@ -6,11 +6,12 @@ validates on ID validation classes (keeping the best model), and ends with the I
 the model beside the frozen backbone (Pre) on the same episodes, with their paired difference.
 `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N processes.
 
-Read top to bottom: the backbone, the learning-rate schedule, then `meta_train`, the loop, whose
-`# --- method ---` lines are the algorithm (smat.meta_train_step per task, smat.meta_update per
-meta-batch) and whose `# --- plumbing ---` lines call the helpers below it (processes, data, the
-run's state, checkpoints, metrics); last the command line. The method itself lives in smat.py; this
-file owns devices, processes, files and time. Run directories are read and written by rundir.py.
+Read top to bottom: the backbone, the learning-rate schedule, then `meta_train` (every flag and the
+data checked, then the run directory claimed) and `train_claimed`, the loop, whose `# --- method ---`
+lines are the algorithm (smat.meta_train_step per task, smat.meta_update per meta-batch) and whose
+`# --- plumbing ---` lines call the helpers below it (processes, data, the run's state, checkpoints,
+metrics); last the command line. The method itself lives in smat.py; this file owns devices,
+processes, files and time. Run directories are claimed, read and written by rundir.py.
 """
 
 import dataclasses
