@@ -225,7 +225,10 @@ class RunDirectory:
     def _make_directories(self) -> None:
         missing = [p for p in [self.path, *self.path.parents] if not p.exists()]
         for directory in reversed(missing):
-            directory.mkdir()
+            try:
+                directory.mkdir()
+            except FileExistsError:  # another run made it meanwhile: the lock decides between us
+                continue
             self.created.append(directory)
 
     def _lock(self) -> None:
@@ -237,8 +240,8 @@ class RunDirectory:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise RunError(f"{self.path} is in use by another run (process {holder}, lock file {path}); "
-                               f"wait for it to end or write elsewhere (--out)") from None
+                raise RunError(f"{self.path} is in use by process {holder} (a run or an evaluation; lock file "
+                               f"{path}); wait for it to end or write elsewhere (--out)") from None
             try:  # the file we locked must still be the one at `path`: a finishing run removes it
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

@@ -277,6 +277,10 @@ def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop
     if dataclasses.replace(config_from_dict(state["config"]), episodes=cfg.episodes) != cfg:
         raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
     rundir.check_resumable(state, out_dir / "checkpoint.pt")
+    if (out_dir / "best.pt").exists():  # read at the end of the run: a damaged one fails now, not then
+        best = read_checkpoint(out_dir / "best.pt")
+        if dataclasses.replace(config_from_dict(best["config"]), episodes=cfg.episodes) != cfg:
+            raise RunError(f"{out_dir / 'best.pt'} was trained with another configuration than {out_dir}")
     done = state["episode"]
     if done > cfg.episodes:
         raise RunError(f"{out_dir} has already trained {done} episodes; pass --episodes {done} or more to continue it")

@@ -318,11 +318,11 @@ CASES = {
                                                                     "not readable JSON"),
     # class 1: two runs in one directory
     "train into a directory a live run holds": lambda a, ws: (
-        T, train_args(a, ws) if in_use(ws / "run") else [], "in use by another run (process 4242"),
+        T, train_args(a, ws) if in_use(ws / "run") else [], "in use by process 4242"),
     "--resume of a run a live run holds": lambda a, ws: (
-        T, ["--resume", str(in_use(copy_run(a, ws / "run"))), *RESUME], "in use by another run"),
+        T, ["--resume", str(in_use(copy_run(a, ws / "run"))), *RESUME], "in use by process"),
     "evaluate a run train.py still holds": lambda a, ws: (
-        E, evaluate_args(in_use(copy_run(a, ws / "run"))), "in use by another run"),
+        E, evaluate_args(in_use(copy_run(a, ws / "run"))), "in use by process"),
     "train into a finished run's directory": lambda a, ws: (
         T, train_args(a, ws) if copy_run(a, ws / "run") else [], "already holds files"),
     # class 2: changed data after training
@@ -689,7 +689,7 @@ def test_a_second_train_py_into_a_running_runs_directory_is_refused_and_a_killed
 
     assert second.exit_code == 2 and "Traceback" not in second.output, second.output
     (line,) = second.stderr.strip().splitlines()
-    assert f"{run} is in use by another run (process {first.pid}" in line
+    assert f"{run} is in use by process {first.pid} " in line
     kill(first)  # SIGKILL: its lock file stays behind, but the kernel has dropped its lock
     assert (run / rundir.LOCK_FILE).read_text().strip() == str(first.pid)
     done = rundir.read_checkpoint(run / "checkpoint.pt")["episode"]
