@@ -152,7 +152,7 @@ class RunDirectory:
     second claimant gets): the kernel drops it when the process ends, however it ends, so a lock left
     by a killed run is free and the next claimant takes it over. A second live claimant gets one
     RunError line. `fresh` (a new run) also needs `path` empty or absent; it is created, parents
-    included, and `new_run_directory` picks an unused name. Stale temporary files of this program
+    included, and `RunDirectory.new` picks an unused name. Stale temporary files of this program
     (`is_temporary`) are removed once the claim holds.
 
     Until `start(files)` writes the run's first files, the run has not begun: if the block fails
@@ -242,6 +242,9 @@ class RunDirectory:
                 os.close(fd)
                 raise RunError(f"{self.path} is in use by process {holder} (a run or an evaluation; lock file "
                                f"{path}); wait for it to end or write elsewhere (--out)") from None
+            except OSError:  # a file system without locks: reported by __enter__
+                os.close(fd)
+                raise
             try:  # the file we locked must still be the one at `path`: a finishing run removes it
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -255,22 +258,29 @@ class RunDirectory:
 
     def _unlock(self) -> None:
         if self.fd is not None:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)  # while still holding it; see _lock
+            try:
+                (self.path / LOCK_FILE).unlink(missing_ok=True)  # while still holding it; see _lock
+            except OSError:
+                pass
             os.close(self.fd)
             self.fd = None
 
     def _undo(self) -> None:
-        """Remove what this claim wrote in a directory it found empty, and the directories it made."""
+        """Remove what this claim wrote in a directory it found empty, and the directories it made.
+        Best effort: the error that brought us here is the one to report."""
         try:
             if self.owned:
                 for path in self.path.iterdir():
                     if path.name in RUN_FILES or is_temporary(path.name):
                         path.unlink()
-            self._unlock()
+        except OSError:
+            pass
+        self._unlock()
+        try:
             for directory in reversed(self.created):
                 directory.rmdir()
         except OSError:
-            pass  # best effort: the error that brought us here is the one to report
+            pass
         self.created = []
 
 
