@@ -613,7 +613,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
             device, out: Path | None = None) -> None:
     """Check every flag and load and check every run, evaluate every run, write every file, then print:
     bad input fails before any work, an error anywhere leaves nothing written, and a closed or full
-    stdout (printing comes last) never costs the results. Run directories written into are claimed
+    stdout (printing comes last) never costs the results. Directories written into are claimed
     (rundir.RunDirectory): a run that train.py is still writing is refused."""
     check_flags(run_dirs, episodes, seed, finetune, finetune_lr, plots, sweep_plot, out)
     dev, runs, sources_for = rundir.pick_device(device), [], {}
@@ -630,8 +630,9 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     for target in targets:
         rundir.check_run_files(target, ("results.json", "results.md") + (PICTURES if plots else ()))
     with ExitStack() as claims:
-        for run_dir, *_ in runs if out is None else []:
-            claims.enter_context(rundir.RunDirectory(run_dir, fresh=False, create=False))
+        for target in targets:  # the run directories, or folders under --out that exist already
+            if target.is_dir():
+                claims.enter_context(rundir.RunDirectory(target, fresh=False, create=False))
         results, pre, pre_name = evaluate_runs(runs, episodes, seed, finetune, finetune_lr, baselines, cost, dev)
         for target, result in zip(targets, results):  # every run saw Pre's episodes: each keeps it
             target.mkdir(parents=True, exist_ok=True)
