@@ -1,5 +1,7 @@
-"""Reliability (docs/reliability.md): a catalogue of bad inputs through the command lines,
-runs killed with SIGKILL and resumed, checkpoints that would run code, a non-finite loss, corrupt caches.
+"""Reliability (docs/reliability.md): a catalogue of bad inputs through the command lines (flags,
+data, damaged run files, paths the system refuses, runs in use), runs killed with SIGKILL or
+interrupted and resumed, two runs in one directory, checkpoints that would run code, non-finite
+values, corrupt caches, closed or full stdout, and run directories damaged at random (Hypothesis).
 
 The data are two small image-folder domains drawn here and a small random ViT saved as a backbone
 file, as in tests/test_train.py; every case runs in its own tmp_path with SMAT_CACHE pointing inside it,
