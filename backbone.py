@@ -213,6 +213,10 @@ def _load_checked(model: VisionTransformer, state: dict, source: str) -> None:
             f"weights in {source} do not fit the ViT {_preset_name(model.spec) or model.spec}: "
             + "; ".join(problems)
         )
+    bad = [k for k in expected if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:
+        raise BackboneError(f"weights in {source} hold non-finite values (NaN or infinity) in {', '.join(bad[:3])}; "
+                            f"the file is damaged or its training diverged")
     model.load_state_dict(state)
 
 

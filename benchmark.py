@@ -11,6 +11,7 @@ corpus with them too), then one renderer per domain, `EMBEDDED_DOMAINS`, and `bu
 `EmbeddedSource` / `embedded_sources`, the domains as `data.Source`s.
 """
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -313,6 +314,12 @@ def build_embedded(seed: int = 0, resolution: int = 32, n_classes: int = 100, n_
                         f"{n_classes} and {n_images}")
     key = f"v{EMBEDDED_VERSION}-seed{seed}-res{resolution}-{n_classes}x{n_images}"
     path = (cache_dir or default_cache_dir()) / "embedded" / f"{key}.pt"
+    try:  # a cache that cannot be written fails here, before minutes of rendering
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "not a file", str(path))
+    except OSError as error:
+        raise _cache_error(path, error) from None
     try:
         cached = torch.load(path, weights_only=True)
         domains = cached["domains"]
@@ -325,11 +332,21 @@ def build_embedded(seed: int = 0, resolution: int = 32, n_classes: int = 100, n_
         pass
     domains = {name: torch.from_numpy(_render_domain(name, seed, n_classes, n_images, resolution))
                for name in EMBEDDED_DOMAINS}
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"key": key, "domains": domains, "sha256": _digest(domains)}, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save({"key": key, "domains": domains, "sha256": _digest(domains)}, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # a full disk, a folder put in the entry's place meanwhile
+        temporary.unlink(missing_ok=True)
+        raise _cache_error(path, error) from None
     return domains
+
+
+def _cache_error(path: Path, error: Exception) -> DataError:
+    """SMAT_CACHE naming a file, a folder in a cache entry's place, a full disk: one line."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return DataError(f"cannot use the benchmark cache {path} ({why}); remove what is in the way or set SMAT_CACHE "
+                     f"to a writable directory")
 
 
 class EmbeddedSource(Source):
@@ -349,6 +366,9 @@ class EmbeddedSource(Source):
 
     def class_sizes(self, partition: Partition) -> list[int]:
         return [self._images.shape[1]] * len(self.classes(partition))
+
+    def class_names(self, partition: Partition) -> list[str]:
+        return [str(c) for c in self.classes(partition)]
 
     def load(self, partition, class_index, image_indices, image_size):
         return self._images[self.classes(partition)[class_index], list(image_indices)]

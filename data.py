@@ -219,6 +219,11 @@ class Source:
     def hierarchy(self, partition: Partition) -> Hierarchy | None:
         return None
 
+    def class_names(self, partition: Partition) -> list[str]:
+        """What identifies each class of a partition (folder names, class ids), in class-index order:
+        a run records them (data.json) and refuses data whose classes have changed since."""
+        return [str(i) for i in range(len(self.class_sizes(partition)))]
+
     def load(
         self, partition: Partition, class_index: int, image_indices: Sequence[int], image_size: int
     ) -> UInt8[Tensor, "n 3 height width"]:

@@ -10,10 +10,12 @@ calls these functions. Runs are read through rundir.py; this module never import
 
 import copy
 import json
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,8 @@ FinetuneMode = Literal["none", "full", "lora"]
 # [official: find_best_finetune_configs, MD list without its extremes 1e-6 and 0.1].
 LR_CANDIDATES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 LR_SEARCH_EPISODES = 5  # validation episodes per domain for the lr search [official: 5 test episodes]
+MAX_FINETUNE_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 a ViT is destroyed, not tuned
+PICTURES = ("router_weights.png", "kept_fraction.png", "mask_overlap.png")  # --plots, in each run directory
 
 
 class EvaluateError(ValueError):
@@ -87,7 +91,7 @@ def evaluate_model(
     θ_pre. Fine-tuning uses `finetune_lr` if given, else the lr chosen on validation episodes.
     `progress(domain)` is called after every episode.
     """
-    check_request(episodes, finetune, finetune_lr)
+    check_request(episodes, finetune, finetune_lr, seed)
     model = model.to(device)
     lrs, search = {s.name: 0.0 for s in sources}, None
     if finetune != "none" and finetune_lr is not None:
@@ -105,6 +109,8 @@ def evaluate_model(
                                                           finetune_steps, seed, device, gates,
                                                           progress and partial(progress, source.name))
         mean, ci95 = confidence_interval(accuracies.cpu())
+        if not math.isfinite(mean):  # _accuracies marks an episode with non-finite logits as NaN
+            raise EvaluateError(non_finite_message(source.name, accuracies, finetune, lrs[source.name]))
         domains[source.name] = {"split": source.split, "mean": mean, "ci95": ci95, "episodes": episodes,
                                 "router_weights": (weights / episodes).tolist(),
                                 "accuracies": [round(a, 6) for a in accuracies.tolist()]}
@@ -125,13 +131,26 @@ def evaluate_model(
     return results
 
 
-def check_request(episodes: int, finetune: str, finetune_lr: float | None) -> None:
-    if episodes < 2:
+def check_request(episodes: int | None, finetune: str, finetune_lr: float | None, seed: int = 0) -> None:
+    """The evaluation flags, before any work (`episodes` None: the run's own, checked by its Config)."""
+    if episodes is not None and episodes < 2:
         raise EvaluateError(f"episodes = {episodes} is too few; a confidence interval needs >= 2 per domain")
     if finetune not in ("none", "full", "lora"):
         raise EvaluateError(f"finetune = {finetune!r} is not valid; use none, full or lora")
-    if finetune_lr is not None and not finetune_lr >= 0:
-        raise EvaluateError(f"finetune_lr = {finetune_lr} is not valid; use a learning rate >= 0")
+    if finetune_lr is not None and not (math.isfinite(finetune_lr) and 0 <= finetune_lr <= MAX_FINETUNE_LR):
+        raise EvaluateError(f"finetune_lr = {finetune_lr} is not valid; use a finite learning rate >= 0 and "
+                            f"<= {MAX_FINETUNE_LR}")
+    if finetune_lr is not None and finetune == "none":
+        raise EvaluateError(f"finetune_lr = {finetune_lr} is given but finetune is none; use --finetune full or lora")
+    if not 0 <= seed <= smat.MAX_SEED:
+        raise EvaluateError(f"seed = {seed} is out of range; it must be an integer in [0, {smat.MAX_SEED}]")
+
+
+def non_finite_message(domain: str, accuracies: Tensor, finetune: str, lr: float) -> str:
+    bad = int(accuracies.isnan().sum())
+    cause = (f"after fine-tuning ({finetune}) with lr {lr}; use a smaller --finetune-lr" if finetune != "none" and lr
+             else "from finite parameters; the model overflows on these images")
+    return f"domain {domain}: the logits of {bad} of {len(accuracies)} episodes are not finite {cause}; nothing was written"
 
 
 def tested_gates(model: SMAT, baseline: str) -> Tensor | None:
@@ -166,7 +185,8 @@ def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseli
         n_way = episode.n_way  # read on the host, before the copy to the device
         logits, w = episode_logits(model, episode.to(device), n_way, finetune, lr, baseline, steps,
                                    seed=seed * 1_000_003 + index, gates=gates)
-        accuracies.append((logits.argmax(-1) == episode.query_labels.to(device)).float().mean())
+        accuracy = (logits.argmax(-1) == episode.query_labels.to(device)).float().mean()
+        accuracies.append(torch.where(torch.isfinite(logits).all(), accuracy, torch.nan))  # no result from NaN
         weights = weights + w
         if gates is not None:  # the fraction of parameters this task's update Σ_m w_m z_m touches
             density = density + (smat.merge_masks(w, gates) != 0).sum() / gates.shape[-1]
@@ -205,22 +225,21 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
             continue
         val = list(data.evaluation_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
         gates = tested_gates(model, baseline)
-        table[source.name] = [
-            _accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
-            for lr in candidates
-        ]
+        means = [_accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
+                 for lr in candidates]
+        table[source.name] = [None if math.isnan(m) else m for m in means]  # None: non-finite logits, never chosen
     if not table:
         raise EvaluateError("no domain has validation classes to choose the fine-tuning lr on; "
                             "pass --finetune-lr")
 
-    def first_best(accuracies: list[float]) -> float:
+    def first_best(accuracies: list[float | None]) -> float:
         best = 0
         for i, accuracy in enumerate(accuracies):
-            if accuracy > accuracies[best]:  # strict: the smaller lr (first) wins ties
-                best = i
+            if accuracy is not None and (accuracies[best] is None or accuracy > accuracies[best]):
+                best = i  # strict: the smaller lr (first) wins ties
         return candidates[best]
 
-    pooled = first_best([statistics.fmean(column) for column in zip(*table.values())])
+    pooled = first_best([None if None in column else statistics.fmean(column) for column in zip(*table.values())])
     chosen = {s.name: first_best(table[s.name]) if s.name in table else pooled for s in sources}
     return chosen, {"candidates": list(candidates), "partition": "val", "episodes": episodes,
                     "accuracy": table, "pooled_lr": pooled, "chosen": chosen}
@@ -301,19 +320,21 @@ def _rows(results: list[dict], differences: list[dict] = ()) -> list[list[str]]:
     return rows
 
 
-def compare(results: list[dict], names: list[str], differences: dict[str, dict] | None = None) -> Table:
+def compare(results: list[dict], names: list[str], differences: dict[str, dict] | None = None,
+            text: Callable[[str], str] = str) -> Table:
     """One rich table: a row per domain, a column per result (accuracy % ± 95% CI), then a column per
-    paired difference (points ± paired 95% CI)."""
+    paired difference (points ± paired 95% CI). `text` maps every string (rundir.to_ascii for a
+    stream that cannot encode ±, so the table is laid out with what is printed)."""
     first, differences = results[0], differences or {}
     episodes = next(iter(first["domains"].values()))["episodes"]
     mode = "zero-shot" if first["finetune"] == "none" else f"fine-tuned ({first['finetune']})"
-    table = Table(title=f"{mode} accuracy % ± 95% CI, {_describe(first['protocol'])}, "
-                        f"{episodes} episodes per domain, seed {first['seed']}")
+    table = Table(title=text(f"{mode} accuracy % ± 95% CI, {_describe(first['protocol'])}, "
+                             f"{episodes} episodes per domain, seed {first['seed']}"))
     for column in ["domain", "split", *names, *differences]:
-        table.add_column(column, justify="left" if column in ("domain", "split") else "right")
+        table.add_column(text(column), justify="left" if column in ("domain", "split") else "right")
     rows = _rows(results, list(differences.values()))
     for i, row in enumerate(rows):
-        table.add_row(*row, end_section=i == len(rows) - 3)
+        table.add_row(*map(text, row), end_section=i == len(rows) - 3)
     return table
 
 
@@ -336,10 +357,11 @@ def sparsity_line(results: dict) -> str:
 def print_table(results: list[dict], names: list[str], console: Console | None = None,
                 differences: dict[str, dict] | None = None) -> None:
     console = console or Console()
-    console.print(compare(results, names, differences))
+    text = rundir.to_ascii if console.options.ascii_only else str  # PYTHONIOENCODING=ascii: +/- for ±
+    console.print(compare(results, names, differences, text))
     for name, result in zip(names, results):
         if "sparsity" in result:
-            console.print(f"{name}: {sparsity_line(result)}")
+            console.print(text(f"{name}: {sparsity_line(result)}"))
 
 
 def markdown_table(results: list[dict], names: list[str], differences: dict[str, dict] | None = None) -> str:
@@ -374,12 +396,9 @@ def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | Non
             + markdown_table([results] + [r for _, r in extra], [run_name(results)] + [n for n, _ in extra],
                              results.get("paired"))
             + (f"\n{sparsity_line(results)}\n" if "sparsity" in results else ""))
-    files = {"results.json": json.dumps(results, indent=2) + "\n", "results.md": text}
-    temporary = {name: Path(run_dir) / f".{name}.tmp{os.getpid()}" for name in files}
+    files = {"results.json": json.dumps(results, indent=2, allow_nan=False) + "\n", "results.md": text}
     for name, content in files.items():
-        temporary[name].write_text(content)
-    for name in files:
-        os.replace(temporary[name], Path(run_dir) / name)
+        rundir.atomic_write_text(content, Path(run_dir) / name)
 
 
 # --- § 4 Inference cost and what the experts learned ------------------------------------------------
@@ -461,10 +480,10 @@ def pyplot():
 
 
 def _save(figure, path: Path) -> None:
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
-    pyplot().close(figure)
-    os.replace(temporary, path)
+    try:
+        rundir.write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        pyplot().close(figure)
 
 
 def _heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path) -> None:
@@ -562,19 +581,48 @@ def main(
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 cost, device, out)
     except USER_ERRORS as error:
-        rundir.fail(" ".join(str(error).split()))
+        rundir.fail(str(error))
+    except KeyboardInterrupt:
+        rundir.fail("interrupted (Ctrl-C); each results file is written whole or not at all: run evaluate.py "
+                    "again for what is missing", code=130)
+    except OSError as error:  # what no check foresaw: still one line naming the path
+        rundir.fail(rundir.os_error_line(error))
+
+
+def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune: str, finetune_lr: float | None,
+                plots: bool, sweep_plot: Path | None, out: Path | None) -> None:
+    """Every flag, before any run is loaded: what the evaluation would refuse, and every place a file
+    will be written (so that an error there cannot cost the evaluation)."""
+    check_request(episodes, finetune, finetune_lr, seed)
+    paths = [Path(r).resolve() for r in run_dirs]
+    twice = next((r for r, p in zip(run_dirs, paths) if paths.count(p) > 1), None)
+    if twice is not None:
+        raise EvaluateError(f"run {twice} is given twice; name each run once")
+    if out is not None:
+        rundir.check_target_directory(out, "--out")
+        names = [Path(r).name for r in run_dirs]
+        same = next((n for n in names if names.count(n) > 1), None)
+        if same is not None:
+            raise EvaluateError(f"--out {out}: two runs are named {same}, so their results would land in one "
+                                f"folder; evaluate them separately or rename one")
+    if plots or sweep_plot:
+        pyplot()
+    if sweep_plot:
+        parent = Path(sweep_plot).parent
+        if not parent.is_dir():
+            raise EvaluateError(f"--sweep-plot {sweep_plot}: its directory does not exist; create it first")
+        if Path(sweep_plot).is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise EvaluateError(f"--sweep-plot {sweep_plot} cannot be written (a directory is there, or its "
+                                f"directory is not writable); choose another file")
 
 
 def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot, cost,
             device, out: Path | None = None) -> None:
-    """Load and check everything, evaluate every run, then write every file: bad input fails before
-    any work, and an error anywhere leaves nothing written."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise EvaluateError(f"--out {out} is a file; pass a directory (created if missing)")
-    if plots or sweep_plot:
-        pyplot()
-    if sweep_plot and not Path(sweep_plot).parent.is_dir():
-        raise EvaluateError(f"--sweep-plot {sweep_plot}: its directory does not exist; create it first")
+    """Check every flag and load and check every run, evaluate every run, write every file, then print:
+    bad input fails before any work, an error anywhere leaves nothing written, and a closed or full
+    stdout (printing comes last) never costs the results. Directories written into are claimed
+    (rundir.RunDirectory): a run that train.py is still writing is refused."""
+    check_flags(run_dirs, episodes, seed, finetune, finetune_lr, plots, sweep_plot, out)
     dev, runs, sources_for = rundir.pick_device(device), [], {}
     for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
         model, cfg, _ = rundir.load_run(run_dir, "cpu")
@@ -583,9 +631,42 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         key = (data_spec or cfg.data, cfg.image_size)
         if key not in sources_for:
             sources_for[key] = readers.parse_data_spec(key[0], cfg.image_size, seed=0)
+        rundir.check_classes(run_dir, sources_for[key], every_source=False)  # no test class the run trained on
         runs.append((Path(run_dir), model, cfg, sources_for[key]))
-    kwargs = dict(episodes=episodes or runs[0][2].test_episodes, seed=seed, finetune=finetune,
-                  finetune_lr=finetune_lr, device=dev)
+    targets = [run_dir if out is None else out / run_dir.name for run_dir, *_ in runs]
+    for target in targets:
+        rundir.check_run_files(target, ("results.json", "results.md") + (PICTURES if plots else ()))
+    with ExitStack() as claims:
+        for target in targets:  # the run directories, or folders under --out that exist already
+            if target.is_dir():
+                claims.enter_context(rundir.RunDirectory(target, fresh=False, create=False))
+        results, pre, pre_name = evaluate_runs(runs, episodes, seed, finetune, finetune_lr, baselines, cost, dev)
+        for target, result in zip(targets, results):  # every run saw Pre's episodes: each keeps it
+            target.mkdir(parents=True, exist_ok=True)
+            write_results(target, result, {pre_name: pre} if pre else None)
+            if plots:
+                plot_router_weights(result, target / "router_weights.png")
+                if "experts" in result:
+                    plot_kept_fraction(result, target / "kept_fraction.png")
+                    plot_mask_overlap(result, target / "mask_overlap.png")
+        if sweep_plot:
+            plot_sparsity_sweep({cfg.sparsity: result for (_, _, cfg, _), result in zip(runs, results)}, sweep_plot)
+    names, console = [run_dir.name for run_dir, *_ in runs], Console()
+    differences = {f"{name} − {pre_name}": paired_difference(result, pre)
+                   for name, result in zip(names, results)} if pre and len(results) <= 2 else None
+    print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
+    for name, result in zip(names, results):
+        if "inference_cost" in result:
+            c = result["inference_cost"]
+            console.print(f"{name}: zero-shot {c['smat_ms']:.1f} ms vs ProtoNet "
+                          f"{c['protonet_ms']:.1f} ms per episode ({c['ratio']:.2f}x, {c['device']})")
+
+
+def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: FinetuneMode, finetune_lr: float | None,
+                  baselines: bool, cost: bool, device) -> tuple[list[dict], dict | None, str]:
+    """(results of every run, Pre's results or None, Pre's name), with a progress bar on stderr."""
+    kwargs = dict(episodes=episodes if episodes is not None else runs[0][2].test_episodes, seed=seed,
+                  finetune=finetune, finetune_lr=finetune_lr, device=device)
     results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
     status = Console(stderr=True)
     columns = Progress.get_default_columns()
@@ -604,26 +685,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
                                                 cfg.image_size))
                 results[-1]["inference_cost"] = inference_cost(model, first)
             model.cpu()
-    names = [run_dir.name for run_dir, *_ in runs]
-    console = Console()
-    differences = {f"{name} − {pre_name}": paired_difference(result, pre)
-                   for name, result in zip(names, results)} if pre and len(results) <= 2 else None
-    print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
-    for (run_dir, *_), result in zip(runs, results):  # every run saw Pre's episodes: each keeps it
-        target = run_dir if out is None else out / run_dir.name
-        target.mkdir(parents=True, exist_ok=True)
-        write_results(target, result, {pre_name: pre} if pre else None)
-        if plots:
-            plot_router_weights(result, target / "router_weights.png")
-            if "experts" in result:
-                plot_kept_fraction(result, target / "kept_fraction.png")
-                plot_mask_overlap(result, target / "mask_overlap.png")
-        if "inference_cost" in result:
-            c = result["inference_cost"]
-            console.print(f"{run_dir.name}: zero-shot {c['smat_ms']:.1f} ms vs ProtoNet "
-                          f"{c['protonet_ms']:.1f} ms per episode ({c['ratio']:.2f}x, {c['device']})")
-    if sweep_plot:
-        plot_sparsity_sweep({cfg.sparsity: result for (_, _, cfg, _), result in zip(runs, results)}, sweep_plot)
+    return results, pre, pre_name
 
 
 if __name__ == "__main__":

@@ -55,13 +55,18 @@ class ImageListSource(Source):
 
     def __init__(self, name: str, split: Split, partitions: Mapping[Partition, Sequence[Sequence[object]]],
                  read: Callable[[object], Image.Image],
-                 hierarchies: Mapping[Partition, Hierarchy] | None = None) -> None:
+                 hierarchies: Mapping[Partition, Hierarchy] | None = None,
+                 names: Mapping[Partition, Sequence[str]] | None = None) -> None:
         self.name, self.split, self._read = name, split, read
         self._classes = {p: [list(c) for c in partitions.get(p, [])] for p in PARTITIONS}
         self._hierarchies = dict(hierarchies or {})
+        self._names = {p: [str(n) for n in names[p]] for p in PARTITIONS} if names else None
 
     def class_sizes(self, partition: Partition) -> list[int]:
         return [len(c) for c in self._classes[partition]]
+
+    def class_names(self, partition: Partition) -> list[str]:
+        return self._names[partition] if self._names else super().class_names(partition)
 
     def hierarchy(self, partition: Partition) -> Hierarchy | None:
         return self._hierarchies.get(partition)
@@ -97,16 +102,23 @@ def _class_partition(names: Sequence[str], split: Split, seed: int, domain: str,
     exists; else a seeded 64/16/20 partition of the sorted names, or all in test for an OOD source
     (as Meta-Dataset's test-only sources)."""
     if split_file.is_file():
+        form = '{"train": [...], "val": [...], "test": [...]}'
         try:
             listed = json.loads(split_file.read_text())
             chosen = {p: [str(c) for c in listed.get(p, [])] for p in PARTITIONS}
-        except (ValueError, AttributeError, TypeError) as error:
-            raise DataError(f"split file {split_file} is not valid JSON of the form "
-                            f'{{"train": [...], "val": [...], "test": [...]}} ({error})') from None
+        except (OSError, ValueError, AttributeError, TypeError) as error:
+            raise DataError(f"split file {split_file} is not valid JSON of the form {form} ({error})") from None
+        if set(listed) - set(PARTITIONS) or not all(isinstance(listed.get(p, []), list) for p in PARTITIONS):
+            raise DataError(f"split file {split_file} has keys {sorted(listed)}; it must be of the form {form}")
         unknown = sorted(set(sum(chosen.values(), [])) - set(names))
         if unknown:
             raise DataError(f"split file {split_file} names classes with no image folder: {unknown[:5]}; "
                             f"valid names are the class folder names")
+        listed_twice = sorted({c for c in sum(chosen.values(), []) if sum(p.count(c) for p in chosen.values()) > 1})
+        if listed_twice:
+            where = [p for p in PARTITIONS if listed_twice[0] in chosen[p]]
+            raise DataError(f"split file {split_file} lists class {listed_twice[0]} more than once "
+                            f"(in {' and '.join(where)}); each class belongs to one partition")
         return chosen
     if split == "ood":
         return {"train": [], "val": [], "test": list(names)}
@@ -122,7 +134,7 @@ def folder_sources(root: Path, split: Split | None = None, seed: int = 0) -> lis
     An optional splits.json in a domain folder fixes its class split."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; expected ROOT/<class>/<images> or "
-                        f"ROOT/<domain>/<class>/<images>")
+                        f"ROOT/<domain>/<class>/<images>{_mark_hint(root)}")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     domains = [root] if any(_image_files(d) for d in subdirs) else [d for d in subdirs if any(
         sub.is_dir() and _image_files(sub) for sub in d.iterdir())]
@@ -141,7 +153,7 @@ def folder_sources(root: Path, split: Split | None = None, seed: int = 0) -> lis
             raise DataError(f"image file {zero} is empty; remove it or replace it with a valid image")
         chosen = _class_partition(sorted(files), split or "id", seed, domain.name, domain / "splits.json")
         partitions = {p: [files[name] for name in chosen[p]] for p in PARTITIONS}
-        sources.append(ImageListSource(domain.name, split or "id", partitions, _open_image))
+        sources.append(ImageListSource(domain.name, split or "id", partitions, _open_image, names=chosen))
     return sources
 
 
@@ -272,7 +284,7 @@ def torchvision_source(name: str, root: Path, split: Split | None = None, seed: 
 
     default_split: Split = "id" if chosen["train"] else "ood"
     return ImageListSource(name, split or default_split, {p: [classes[k] for k in chosen[p]] for p in PARTITIONS},
-                           read, hierarchies)
+                           read, hierarchies, {p: [f"{part}/{label}" for part, label in chosen[p]] for p in PARTITIONS})
 
 
 # --- § 3 Meta-Dataset in PMF's h5 layout -------------------------------------------------------------
@@ -324,7 +336,8 @@ def h5_source(directory: Path, split: Split | None = None, max_open: int = 64) -
         raise DataError("h5 sources need h5py; install it with pip install 'smat-reference[h5]'") from None
     spec_path = directory / "dataset_spec.json"
     if not spec_path.is_file():
-        raise DataError(f"{spec_path} does not exist; expected a Meta-Dataset source folder in PMF's h5 layout")
+        raise DataError(f"{spec_path} does not exist; expected a Meta-Dataset source folder in PMF's h5 "
+                        f"layout{_mark_hint(directory)}")
     try:
         spec = json.loads(spec_path.read_text())
         counts = [int(_per_split(spec["classes_per_split"], p)) for p in PARTITIONS]
@@ -366,12 +379,31 @@ def h5_source(directory: Path, split: Split | None = None, max_open: int = 64) -
         return Image.fromarray(files.read(path, record))
 
     default_split: Split = "id" if counts[0] else "ood"
-    source = ImageListSource(directory.name, split or default_split, partitions, read, hierarchies)
+    names = {p: [str(c) for c in range(int(starts[k]), int(starts[k + 1]))] for k, p in enumerate(PARTITIONS)}
+    source = ImageListSource(directory.name, split or default_split, partitions, read, hierarchies, names)
     source.files = files  # exposed so callers (and tests) can see how many handles are open
     return source
 
 
 # --- § 4 One string for all sources ---------------------------------------------------------------
+
+
+def _mark_hint(path: Path) -> str:
+    """For a missing path with an "@" in it: the split marks there are."""
+    return f"; if @{str(path).rsplit('@', 1)[1]} was meant as a split mark, use @id or @ood" if "@" in str(path) else ""
+
+
+def _split_mark(part: str) -> tuple[str, str]:
+    """(source, mark) of one comma-separated part: only a trailing @id or @ood is a split mark, so a
+    path may hold "@" (folder:/data/d@v2). A name that is no path (embedded@both) with an "@" has an
+    unknown mark."""
+    for mark in ("id", "ood"):
+        if part.endswith("@" + mark):
+            return part[: -len(mark) - 1], mark
+    kind = part.partition(":")[0]
+    if "@" in part and kind not in ("folder", "torchvision", "h5"):
+        raise DataError(f"unknown split mark @{part.rsplit('@', 1)[1]} in {part!r}; use @id or @ood")
+    return part, ""
 
 
 def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, seed: int = 0) -> list[Source]:
@@ -384,9 +416,7 @@ def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, s
         raise DataError(f"image size {image_size} is too small; use at least 8 pixels")
     sources: list[Source] = []
     for part in (p.strip() for p in spec.split(",")):
-        body, mark = (part.rsplit("@", 1) + [""])[:2] if "@" in part else (part, "")
-        if mark not in ("", "id", "ood"):
-            raise DataError(f"unknown split mark @{mark} in {part!r}; use @id or @ood")
+        body, mark = _split_mark(part)
         split: Split | None = mark or None
         kind, _, rest = body.partition(":")
         if kind == "embedded":

@@ -1,18 +1,34 @@
 """Run directories and the command-line contract, shared by train.py and evaluate.py.
 
-A run directory (made by train.py) holds config.json, checkpoint.pt (the last state, resumable),
-best.pt (the best model on validation), metrics.jsonl and, after testing, results.json / results.md.
-This module writes and reads the first three, and owns what both command lines promise on bad input:
-one line `error: ...` on stderr and exit code 2, never a traceback. It imports neither command line,
-so imports run one way: train.py -> evaluate.py -> rundir.py -> smat.py, data.py, backbone.py.
+A run directory (made by train.py) holds config.json, data.json (the classes of every partition of
+every source, recorded when the run starts), checkpoint.pt (the last state, resumable), best.pt (the
+best model on validation), metrics.jsonl and, after testing, results.json / results.md. This module
+owns what both command lines promise:
+
+- one process at a time: a run directory is claimed (`RunDirectory`) for a run's lifetime;
+- nothing half-written: every file is written to a temporary name and renamed (`atomic_save`);
+- nothing read back unchecked: keys, types, shapes and finiteness of config.json, data.json and the
+  checkpoints are checked before use (`read_config`, `read_checkpoint`, `check_classes`);
+- bad input is one line `error: ...` on stderr and exit code 2, never a traceback (`fail`), and a
+  closed or full stdout never costs finished work (`run_cli`).
+
+It imports neither command line, so imports run one way:
+train.py -> evaluate.py -> rundir.py -> smat.py, data.py, backbone.py.
 """
 
+import codecs
 import dataclasses
+import fcntl
+import io
 import json
+import math
 import os
+import re
 import sys
+import time
+import unicodedata
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import typer
@@ -24,70 +40,495 @@ import smat
 from smat import SMAT, Config
 
 CHECKPOINT_FORMAT = "smat-run/1"  # the "format" entry of every checkpoint.pt and best.pt
+DATA_FORMAT = "smat-data/1"  # the "format" entry of data.json
+# Every file this program writes into a run directory (evaluate.py's pictures included), and the lock.
+RUN_FILES = ("config.json", "data.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "results.md",
+             "router_weights.png", "kept_fraction.png", "mask_overlap.png")
+LOCK_FILE = ".lock"
 
 
 class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used; the message is one line."""
+    """A run directory, checkpoint or flag that cannot be used; the message is one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what was kept and how to go on (exit code 130)."""
 
 
 # The exceptions that mean "bad input" (a flag, a file, a folder): one line and exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (smat.ConfigError, data.DataError, backbones.BackboneError, RunError)
 
 
+def reason(error: BaseException) -> str:
+    """The short reason of an error, for a one-line message: "No space left on device"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
 # --- writing files so that a killed process never leaves half of one ----------------------------
 
 
+def temporary(path: Path) -> Path:
+    """Where `path` is written before the rename: `.NAME.tmpPID` beside it. The stale-file sweep of a
+    run directory removes exactly these names (for the names in RUN_FILES), nothing else."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is a temporary file this program writes into a run directory."""
+    match = re.fullmatch(r"\.(.+)\.tmp\d+", name)
+    return bool(match) and match.group(1) in RUN_FILES
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary)`, then rename onto `path`: a reader (or a resumed run) sees the old file or the
+    new one, never half of one, whenever the process is killed. A failure (a full disk, a folder in
+    the way) removes the temporary file and is one RunError line naming `path`."""
+    path, tmp = Path(path), temporary(Path(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise RunError(f"cannot write {path} ({reason(error)})") from None
+        raise
+
+
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a reader (or a resumed run)
-    sees the old file or the new one, never half of one, whenever the process is killed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file (write_atomically)."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-# --- reading a run back -----------------------------------------------------------------------------
+# --- claiming a run directory: one process at a time ------------------------------------------------
 
 
-def read_checkpoint(path: Path) -> dict:
-    """torch.load with weights_only=True: tensors and plain data only, never code."""
-    if not path.is_file():
-        raise RunError(f"{path} does not exist; a run directory holds checkpoint.pt (or best.pt)")
+def check_target_directory(path: Path, flag: str) -> None:
+    """Refuse, before any work, a directory that could not be created or written: a file or device in
+    its place or above it, a name longer than the file system allows, a parent that is not writable."""
+    path = Path(path)
+    limit = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise RunError(f"{flag} {path}: the name {part[:24]}... has {len(os.fsencode(part))} bytes, more than "
+                           f"the {limit} a file name may have; choose a shorter name")
+    if path.exists():
+        if not path.is_dir():
+            raise RunError(f"{flag} {path} exists and is not a directory; pass a directory (created if missing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunError(f"{flag} {path} is not writable; choose a directory you can write to")
+        return
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RunError(f"{flag} {path}: {ancestor} is a file, so no directory can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunError(f"{flag} {path} cannot be created: {ancestor} is not writable")
+
+
+def check_run_files(run_dir: Path, names=RUN_FILES) -> None:
+    """Every run file present in `run_dir` must be a plain file (a folder in its place is refused
+    before any work, not found when the work is written)."""
+    for name in names:
+        path = Path(run_dir) / name
+        if path.exists() and not path.is_file():
+            raise RunError(f"{path} is not a file; remove it (a run directory holds {name} as a file)")
+
+
+class RunDirectory:
+    """`with RunDirectory(path, fresh) as run_dir:` claims `path` for one process until the block ends.
+
+    The claim is an exclusive flock on `path/.lock` (which holds the process id, for the message a
+    second claimant gets): the kernel drops it when the process ends, however it ends, so a lock left
+    by a killed run is free and the next claimant takes it over. A second live claimant gets one
+    RunError line. `fresh` (a new run) also needs `path` empty or absent; it is created, parents
+    included, and `RunDirectory.new` picks an unused name. Stale temporary files of this program
+    (`is_temporary`) are removed once the claim holds.
+
+    Until `start(files)` writes the run's first files, the run has not begun: if the block fails
+    (bad input, a full disk, Ctrl-C), what it wrote and the directories it created are removed, so
+    nothing half-made blocks a re-run. After `start`, the directory is the run's and is kept.
+    """
+
+    def __init__(self, path: Path, fresh: bool, create: bool = True) -> None:
+        self.path, self.fresh, self.create = Path(path), fresh, create
+        self.created: list[Path] = []  # directories this claim made, outermost first
+        self.owned = False  # a fresh claim found the directory empty: what is in it now is this run's
+        self.started, self.fd = False, None
+
+    @classmethod
+    def new(cls, parent: Path, stem: str) -> "RunDirectory":
+        """A fresh claim on an unused name under `parent`: STEM, else STEM-2, STEM-3 ... The directory is
+        made here, exclusively, so two runs started in the same second get two directories."""
+        parent = Path(parent)
+        check_target_directory(parent, "runs directory")
+        made = [p for p in [parent, *parent.parents] if not p.exists()]
+        try:
+            for directory in reversed(made):
+                directory.mkdir(exist_ok=True)
+            for n in range(1, 10_000):
+                path = parent / (stem if n == 1 else f"{stem}-{n}")
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    continue
+                claim = cls(path, fresh=True)
+                claim.created = [*made, path]
+                return claim
+        except OSError as error:
+            raise RunError(f"cannot make a run directory under {parent} ({reason(error)}); pass --out") from None
+        raise RunError(f"no free run directory name {stem}-N under {parent}; pass --out")
+
+    def __enter__(self) -> Path:
+        try:
+            if self.create:
+                self._make_directories()
+            self._lock()
+            if self.fresh:
+                others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
+                if others:
+                    raise RunError(f"{self.path} already holds files ({', '.join(others[:3])}); pass --resume "
+                                   f"{self.path} to continue that run or choose another --out")
+                self.owned = True
+            for stale in self.path.iterdir():  # left by a process killed while writing
+                if is_temporary(stale.name) and stale.is_file():
+                    stale.unlink()
+        except BaseException as error:
+            self._undo()
+            if isinstance(error, OSError):
+                raise RunError(f"cannot use {error.filename or self.path} as a run directory ({reason(error)})") from None
+            raise
+        return self.path
+
+    def start(self, files: dict[str, str]) -> None:
+        """Write the run's first files (name -> text); from here on the directory is the run's."""
+        for name, text in files.items():
+            atomic_write_text(text, self.path / name)
+        self.started = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.started:
+            self._undo()
+        else:
+            self._unlock()
+
+    def _make_directories(self) -> None:
+        missing = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:  # another run made it meanwhile: the lock decides between us
+                continue
+            self.created.append(directory)
+
+    def _lock(self) -> None:
+        path = self.path / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunError(f"{self.path} is in use by process {holder} (a run or an evaluation; lock file "
+                               f"{path}); wait for it to end or write elsewhere (--out)") from None
+            except OSError:  # a file system without locks: reported by __enter__
+                os.close(fd)
+                raise
+            try:  # the file we locked must still be the one at `path`: a finishing run removes it
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _unlock(self) -> None:
+        if self.fd is not None:
+            try:
+                (self.path / LOCK_FILE).unlink(missing_ok=True)  # while still holding it; see _lock
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def _undo(self) -> None:
+        """Remove what this claim wrote in a directory it found empty, and the directories it made.
+        Best effort: the error that brought us here is the one to report."""
+        try:
+            if self.owned:
+                for path in self.path.iterdir():
+                    if path.name in RUN_FILES or is_temporary(path.name):
+                        path.unlink()
+        except OSError:
+            pass
+        self._unlock()
+        try:
+            for directory in reversed(self.created):
+                directory.rmdir()
+        except OSError:
+            pass
+        self.created = []
+
+
+def default_run_name(method: str) -> str:
+    return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- checking what is read back: keys, types, shapes, finiteness ----------------------------------
+
+
+def _shown(value: object) -> str:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle, anything torch refuses
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise RunError(f"{path} is not a readable checkpoint ({first}); expected a file written by train.py")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path} is not a SMAT run checkpoint; expected format {CHECKPOINT_FORMAT!r}")
-    return state
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def config_from_dict(values: dict) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
+def _type_problem(kind: object, value: object) -> str | None:
+    """What `value` should be for a dataclass field of type `kind`, or None if it is fine. bool is an
+    int in Python: True is no integer here; an integer is a valid float."""
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        return None if any(type(value) is type(c) and value == c for c in choices) else \
+            "one of " + ", ".join(map(str, choices))
+    if kind is bool:
+        return None if type(value) is bool else "true or false"
+    if kind is int:
+        return None if type(value) is int else "an integer"
+    if kind is float:
+        return None if type(value) in (int, float) and math.isfinite(value) else "a finite number"
+    if kind is str:
+        return None if type(value) is str else "a string"
+    return None
+
+
+def check_fields(cls: type, values: object, where: str, complete: bool = True) -> dict:
+    """`values` as keyword arguments of the dataclass `cls`, checked: a dict of its fields only (all of
+    them if `complete`, else all without a default), each of its field's type. Returns `values`; a
+    problem is one RunError line naming `where`, the key, the value and what is valid."""
+    if not isinstance(values, dict):
+        raise RunError(f"{where} holds {_shown(values)}, not an object of {cls.__name__} fields")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in values if k not in fields)
     if unknown:
-        raise RunError(f"unknown configuration keys {unknown[:5]}; valid keys are the fields of smat.Config")
-    return Config(**values)
+        raise RunError(f"{where} has unknown keys {unknown[:5]}; valid keys are the fields of {cls.__name__}")
+    missing = [n for n, f in fields.items() if n not in values and (complete or f.default is dataclasses.MISSING)]
+    if missing:
+        raise RunError(f"{where} lacks the keys {missing[:5]}; it was not written by this version of train.py")
+    for name, value in values.items():
+        valid = _type_problem(fields[name].type, value)
+        if valid:
+            raise RunError(f"{where}: {name} = {_shown(value)} is not valid; it must be {valid}")
+    return values
+
+
+def config_from_dict(values: object, where: str = "the configuration") -> Config:
+    """The Config of a config.json or a checkpoint: every field present with its type, then Config's
+    own checks (ranges, choices), all as one RunError line naming `where`."""
+    check_fields(Config, values, where)
+    try:
+        return Config(**values)
+    except smat.ConfigError as error:
+        raise RunError(f"{where}: {error}") from None
+
+
+def read_json(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise RunError(f"{path} is not a file; {what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"{path} is not readable JSON ({reason(error)}); {what}") from None
 
 
 def read_config(run_dir: Path) -> Config:
-    """The Config in a run's config.json; a missing or unparsable file is one RunError line."""
+    """The Config in a run's config.json; a missing, unparsable or mistyped file is one RunError line."""
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise RunError(f"{run_dir} is not a run directory; it must contain config.json (made by train.py)")
+    return config_from_dict(read_json(path, "expected the config.json written by train.py"), str(path))
+
+
+def _tensor_problem(value: object, expected: torch.Tensor) -> str | None:
+    if not isinstance(value, torch.Tensor):
+        return f"holds {_shown(value)}, not a tensor; the file is damaged"
+    if value.shape != expected.shape or value.dtype != expected.dtype or value.layout != torch.strided:
+        return f"is {value.dtype} {tuple(value.shape)}, expected {expected.dtype} {tuple(expected.shape)}; the file is damaged"
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        return "holds non-finite values (NaN or infinity); its run diverged or the file is damaged"
+    return None
+
+
+def check_model_state(state: object, cfg: Config, spec: dict, where: str) -> None:
+    """The model state of a checkpoint against the model `cfg` and `spec` describe (built on the meta
+    device: shapes only, no memory): every key, no other, each of the right shape and dtype, finite."""
     try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise RunError(f"{path} is not readable JSON ({error}); expected the config.json written by train.py")
-    if not isinstance(values, dict):
-        raise RunError(f"{path} holds a {type(values).__name__}, not the JSON object written by train.py")
-    return config_from_dict(values)
+        with torch.device("meta"):
+            expected = build_model(cfg, spec).state_dict()
+    except Exception as error:  # a spec no ViT can have: zero patch size, heads not dividing dim ...
+        raise RunError(f"{where}: backbone_spec {_shown(spec)} does not describe a ViT ({reason(error)})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{where}: model holds {_shown(state)}, not a state dict of tensors")
+    missing, unexpected = [k for k in expected if k not in state], [str(k) for k in state if k not in expected]
+    if missing or unexpected:
+        raise RunError(f"{where}: the model tensors do not fit its configuration (missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]})")
+    for key, value in expected.items():
+        problem = _tensor_problem(state[key], value)
+        if problem:
+            raise RunError(f"{where}: model tensor {key} {problem}")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint.pt or best.pt, checked before anything uses it. torch.load with weights_only=True
+    (tensors and plain data only, never code); then the format, the configuration (config_from_dict),
+    the backbone spec and every model tensor (check_model_state)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path} does not exist; a run directory holds checkpoint.pt (or best.pt)")
+    if not path.is_file():
+        raise RunError(f"{path} is not a file; expected a checkpoint written by train.py")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, foreign pickle, anything torch refuses
+        raise RunError(f"{path} is not a readable checkpoint ({reason(error)}); expected a file written by train.py")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a SMAT run checkpoint; expected format {CHECKPOINT_FORMAT!r}")
+    for key in ("config", "backbone_spec", "model"):
+        if key not in state:
+            raise RunError(f"{path} lacks its {key}; the file is damaged or was not written by train.py")
+    cfg = config_from_dict(state["config"], f"{path} config")
+    spec = check_fields(backbones.ViTSpec, state["backbone_spec"], f"{path} backbone_spec", complete=False)
+    check_model_state(state["model"], cfg, spec, str(path))
+    return state
+
+
+def check_resumable(state: dict, path: Path) -> None:
+    """What a resumed run reads from a checkpoint besides the model: where the run stands (step,
+    episode, best_val, best_episode, each of its type and consistent) and an optimiser state."""
+    cfg = config_from_dict(state["config"], f"{path} config")
+    for key, kind, minimum in (("step", int, 0), ("episode", int, 0), ("best_val", float, None),
+                               ("best_episode", int, -1)):
+        if key not in state:
+            raise RunError(f"{path} lacks {key}, which a resumed run needs; the file is damaged")
+        valid = _type_problem(kind, state[key]) or (
+            f">= {minimum}" if minimum is not None and state[key] < minimum else None)
+        if valid:
+            raise RunError(f"{path}: {key} = {_shown(state[key])} is not valid; it must be {valid}")
+    if state["episode"] != state["step"] * cfg.meta_batch or state["episode"] > cfg.episodes:
+        raise RunError(f"{path}: episode {state['episode']} does not match step {state['step']} of meta-batches "
+                       f"of {cfg.meta_batch} within {cfg.episodes} episodes; the file is damaged")
+    if not isinstance(state.get("optimizer"), dict):
+        raise RunError(f"{path} lacks the optimiser state a resumed run needs; the file is damaged")
+
+
+def restore_optimizer(optimizer: smat.MetaOptimizer, state: dict, where: str) -> None:
+    """Load a checkpoint's optimiser state after checking it fits: one entry per optimiser, the same
+    hyper-parameters as the configuration's (the learning rate is set anew every step), and every
+    state tensor the shape of its parameter and finite."""
+    saved = state.get("optimizer")
+    if not isinstance(saved, dict) or set(saved) != set(optimizer.optimizers):
+        raise RunError(f"{where}: the optimiser state has entries {sorted(map(str, saved or {}))[:4]}, expected "
+                       f"{sorted(optimizer.optimizers)}; the file is damaged")
+    fresh = {name: [dict(g) for g in opt.param_groups] for name, opt in optimizer.optimizers.items()}
+    try:
+        optimizer.load_state_dict(saved)
+    except Exception as error:  # KeyError, ValueError, TypeError ...: whatever torch finds first
+        raise RunError(f"{where}: the optimiser state does not fit this run ({reason(error)})") from None
+    for name, opt in optimizer.optimizers.items():
+        for group, before in zip(opt.param_groups, fresh[name]):
+            changed = [k for k in before if k not in ("params", "lr", "initial_lr") and k in group and group[k] != before[k]]
+            if changed:
+                raise RunError(f"{where}: the {name} optimiser was saved with {changed[0]} = "
+                               f"{_shown(group.get(changed[0]))}, the configuration says {_shown(before[changed[0]])}")
+            for parameter in group["params"]:
+                for key, value in opt.state.get(parameter, {}).items():
+                    bad = isinstance(value, torch.Tensor) and (
+                        (value.dim() > 0 and value.shape != parameter.shape)
+                        or (value.is_floating_point() and not torch.isfinite(value).all()))
+                    if bad or not (value is None or isinstance(value, (torch.Tensor, int, float))):
+                        raise RunError(f"{where}: the {name} optimiser's {key} does not fit its parameter "
+                                       f"{tuple(parameter.shape)} or is not finite; the file is damaged")
+
+
+# --- the classes of every partition, recorded when a run starts (data.json) ------------------------
+
+
+def class_manifest(sources: list) -> dict:
+    """Per source, its split and, per partition, its class names and images per class."""
+    return {s.name: {"split": s.split, **{p: {"classes": s.class_names(p), "images": s.class_sizes(p)}
+                                          for p in data.PARTITIONS}} for s in sources}
+
+
+def manifest_text(sources: list) -> str:
+    return json.dumps({"format": DATA_FORMAT, "sources": class_manifest(sources)}) + "\n"
+
+
+def read_manifest(path: Path) -> dict:
+    values = read_json(path, "expected the data.json written by train.py")
+    sources = values.get("sources") if isinstance(values, dict) and values.get("format") == DATA_FORMAT else None
+    ok = isinstance(sources, dict) and all(
+        isinstance(s, dict) and s.get("split") in ("id", "ood") and all(
+            isinstance(s.get(p), dict) and isinstance(s[p].get("classes"), list) and isinstance(s[p].get("images"), list)
+            and len(s[p]["classes"]) == len(s[p]["images"]) and all(type(c) is str for c in s[p]["classes"])
+            and all(type(n) is int for n in s[p]["images"]) for p in data.PARTITIONS)
+        for s in sources.values())
+    if not ok:
+        raise RunError(f"{path} is not a data.json of format {DATA_FORMAT!r}; the file is damaged")
+    return sources
+
+
+def check_classes(run_dir: Path, sources: list, every_source: bool) -> None:
+    """Refuse data whose classes differ from those the run recorded in data.json: a class folder added
+    or removed reshuffles a seeded class split and would turn test classes into training classes.
+    Every recorded source is compared partition by partition (class names, then images per class);
+    `every_source` (resuming) also needs the same set of sources. A run without data.json (written
+    before it existed) is not checked."""
+    path = Path(run_dir) / "data.json"
+    if not path.exists():
+        return
+    recorded, now = read_manifest(path), class_manifest(sources)
+    if every_source and set(recorded) != set(now):
+        raise RunError(f"--data now has the sources {sorted(now)}, the run was trained on {sorted(recorded)} "
+                       f"({path}); resume with the same data")
+    for name in sorted(now.keys() & recorded.keys()):
+        was, is_ = recorded[name], now[name]
+        if was["split"] != is_["split"]:
+            raise RunError(f"domain {name} is @{is_['split']} here but was @{was['split']} when the run started "
+                           f"({path}), so its partitions differ (an @ood domain tests every class, the trained ones "
+                           f"too); mark it @{was['split']} as the run did")
+        home = {c: p for p in data.PARTITIONS for c in was[p]["classes"]}
+        for partition in ("test", "val", "train"):
+            old, new = was[partition], is_[partition]
+            if old["classes"] != new["classes"]:
+                added = [f"{c} (was {home.get(c, 'absent')})" for c in sorted(set(new["classes"]) - set(old["classes"]))]
+                removed = sorted(set(old["classes"]) - set(new["classes"]))
+                raise RunError(f"domain {name}, {partition} classes differ from those recorded in {path}: added "
+                               f"{added[:3]}, removed {removed[:3]}; the data changed since the run started, and a "
+                               f"changed class split mixes training and test classes: restore the data (or fix "
+                               f"the split with a splits.json)")
+            if old["images"] != new["images"]:
+                k = next(i for i, (a, b) in enumerate(zip(old["images"], new["images"])) if a != b)
+                raise RunError(f"domain {name}, {partition} class {new['classes'][k]} has {new['images'][k]} images, "
+                               f"{old['images'][k]} when the run started ({path}); restore the data")
+
+
+# --- building a model and loading a run ------------------------------------------------------------
 
 
 def build_model(cfg: Config, backbone_spec: dict) -> SMAT:
@@ -97,22 +538,21 @@ def build_model(cfg: Config, backbone_spec: dict) -> SMAT:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["best", "last"] = "best"):
-    """(model, config, checkpoint) of a run: best.pt if present (and asked for), else checkpoint.pt."""
+    """(model, config, checkpoint) of a run: best.pt if present (and asked for), else checkpoint.pt.
+    Both files are checked (read_config, read_checkpoint) before the model is built."""
     run_dir = Path(run_dir)
     saved = read_config(run_dir).to_dict()
-    path = run_dir / "best.pt" if which == "best" and (run_dir / "best.pt").is_file() else run_dir / "checkpoint.pt"
+    best = run_dir / "best.pt"
+    path = best if which == "best" and best.exists() else run_dir / "checkpoint.pt"  # a folder named best.pt is an error
     state = read_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_dict(state["config"], f"{path} config")
     # --resume may change only `episodes`, so best.pt from before a resume may differ from config.json there
     changed = [k for k, v in cfg.to_dict().items() if k != "episodes" and saved[k] != v]
     if changed:
         raise RunError(f"{path} was trained with another {', '.join(changed[:3])} than {run_dir / 'config.json'}; "
                        f"it is not this run's checkpoint")
     model = build_model(cfg, state["backbone_spec"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise RunError(f"{path} does not match its configuration ({str(error).splitlines()[0][:120]})")
+    model.load_state_dict(state["model"])  # checked by read_checkpoint: the keys, shapes and dtypes fit
     return model.to(device), cfg, state
 
 
@@ -120,14 +560,41 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
 
 
 def pick_device(device: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N of a GPU that exists; anything else is one RunError line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
+    if device == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not match:
         raise RunError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise RunError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise RunError(f"device {device!r} does not exist; this machine has cuda:0 to cuda:{count - 1}")
+    return torch.device(device)
+
+
+def check_memory(cfg: Config, n_params: int, device: torch.device) -> None:
+    """Refuse an expert pool that cannot fit: its masks log α, their gradient and one sampled set of
+    gates take 3 · n_experts · n_params floats, checked against the memory free on `device`."""
+    if not cfg.uses_masks:
+        return
+    needed = 3 * 4 * cfg.n_experts * n_params
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+            free = int(line.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    if free is not None and needed > free:
+        raise RunError(f"--experts {cfg.n_experts} needs about {needed / 2**30:.1f} GiB for the expert masks "
+                       f"({cfg.n_experts} x {n_params} parameters), more than the {free / 2**30:.1f} GiB free on "
+                       f"{device}; use fewer --experts")
 
 
 def protocol(cfg: Config, stage: Literal["train", "test"]) -> data.Protocol:
@@ -140,10 +607,20 @@ def protocol(cfg: Config, stage: Literal["train", "test"]) -> data.Protocol:
 # --- the command-line contract: one line and an exit code ------------------------------------------
 
 
+def one_line(message: str) -> str:
+    """Whitespace (newlines in a path, say) collapsed into single spaces."""
+    return " ".join(str(message).split())
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr and an exit code: the contract for bad input (no traceback)."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
+
+
+def os_error_line(error: OSError) -> str:
+    """An operating-system error no check foresaw, as one line naming the path and the reason."""
+    return f"cannot use {error.filename} ({reason(error)})" if error.filename else reason(error)
 
 
 # click's UsageError (a missing or malformed value), whether typer vendors click or uses it: the base
@@ -163,11 +640,85 @@ class OneLineCommand(typer.core.TyperCommand):
             fail(error.format_message())
 
 
+# Characters the tables and the progress line use, for a stream that cannot encode them.
+ASCII = {"±": "+/-", "−": "-", "≥": ">=", "≤": "<=", "…": "...", "×": "x", "→": "->", "‖": "||", "∧": "&", "∨": "|"}
+
+
+def _ascii_char(char: str) -> str:
+    """± as +/-, é as e, a letter by its name (tau), a box line as - or |, else '?'."""
+    if char.isascii():
+        return char
+    name = unicodedata.name(char, "")
+    plain = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+    return ASCII.get(char) or plain or ("-" if "HORIZONTAL" in name else "|" if "VERTICAL" in name else
+                                        name.split()[-1].lower() if " LETTER " in name else "?")
+
+
+def to_ascii(text: str) -> str:
+    return "".join(map(_ascii_char, text))
+
+
+def _ascii_errors(error: UnicodeError):
+    """The codec error handler "smat-ascii": what the stream cannot encode, in ASCII (to_ascii)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    return to_ascii(error.object[error.start:error.end]), error.end
+
+
+codecs.register_error("smat-ascii", _ascii_errors)
+
+
+class Stdout:
+    """sys.stdout for the command lines, wrapped so that printing never costs finished work: once the
+    reader has gone (`| head` closed the pipe) or the device is full (`>/dev/full`), output is
+    dropped (the stream now points at /dev/null, so the interpreter's last flush succeeds too) and
+    the command goes on to its exit code; a character the stream cannot encode (PYTHONIOENCODING=ascii)
+    is written in ASCII (the "smat-ascii" handler)."""
+
+    def __init__(self, stream) -> None:
+        self._stream, self.lost = stream, False
+        try:
+            stream.reconfigure(errors="smat-ascii")
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self._stream.write(text)
+            except OSError:
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._lose()
+
+    def _lose(self) -> None:
+        self.lost = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_cli(application: typer.Typer) -> None:
     """Run a Typer app from the shell: its exit code (2 for bad input, through `fail` and
-    OneLineCommand), and 130 on Ctrl-C instead of click's "Aborted!"."""
+    OneLineCommand; 130 on Ctrl-C), with stdout wrapped (Stdout) so that a closed pipe, a full disk
+    or an ASCII-only terminal never turns finished work into a failure."""
+    sys.stdout = Stdout(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
     try:
         code = application(standalone_mode=False)
-    except typer.Abort:
+    except typer.Abort:  # Ctrl-C while click parses the flags
+        typer.echo("error: interrupted", err=True)
         code = 130
+    sys.stdout.flush()
     sys.exit(code if isinstance(code, int) else 0)

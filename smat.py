@@ -48,6 +48,9 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message is one line naming it and what is valid."""
 
 
+MAX_EXPERTS = 1024  # an expert pool of M experts holds M masks of the whole backbone
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit at most here
+
 # The choices of Config's named options, as types: train.py's command line offers exactly these.
 Method = Literal["smat", "pmf"]
 MaskSampling = Literal["stochastic", "official"]
@@ -129,12 +132,21 @@ class Config:
     precision: Precision = "bf16"  # autocast dtype on GPU; CPU runs in fp32
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # every float finite: a NaN or infinite lr would train on nonsense
+            value = getattr(self, f.name)
+            if f.type is float and isinstance(value, (int, float)) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} = {value} is not valid; it must be a finite number")
+        batch = max(1, self.meta_batch)
+        below = max(batch, self.episodes // batch * batch)
         checks = [  # (holds, name, value, what would be valid)
             (0.0 <= self.sparsity < 1.0, "sparsity", self.sparsity, "a number in [0, 1)"),
-            (self.n_experts >= 1, "experts", self.n_experts, "an integer >= 1"),
+            (1 <= self.n_experts <= MAX_EXPERTS, "experts", self.n_experts, f"an integer in [1, {MAX_EXPERTS}]"),
             (self.method != "pmf" or self.n_experts == 1, "experts", self.n_experts, "1 for method pmf"),
             (self.episodes >= 1, "episodes", self.episodes, "an integer >= 1"),
             (self.meta_batch >= 1, "meta_batch", self.meta_batch, "an integer >= 1"),
+            (self.episodes % batch == 0, "episodes", self.episodes,
+             f"a multiple of meta_batch {batch}, such as {below} or {below + batch}"),
+            (0 <= self.seed <= MAX_SEED, "seed", self.seed, f"an integer in [0, {MAX_SEED}]"),
             (self.teacher_steps >= 1, "teacher_steps", self.teacher_steps, "an integer >= 1"),
             (self.router_tokens >= 1, "router_tokens", self.router_tokens, "an integer >= 1"),
             (self.image_size >= 8, "image_size", self.image_size, "an integer >= 8"),

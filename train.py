@@ -6,11 +6,12 @@ validates on ID validation classes (keeping the best model), and ends with the I
 the model beside the frozen backbone (Pre) on the same episodes, with their paired difference.
 `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N processes.
 
-Read top to bottom: the backbone, the learning-rate schedule, then `meta_train`, the loop, whose
-`# --- method ---` lines are the algorithm (smat.meta_train_step per task, smat.meta_update per
-meta-batch) and whose `# --- plumbing ---` lines call the helpers below it (processes, data, the
-run's state, checkpoints, metrics); last the command line. The method itself lives in smat.py; this
-file owns devices, processes, files and time. Run directories are read and written by rundir.py.
+Read top to bottom: the backbone, the learning-rate schedule, then `meta_train` (every flag and the
+data checked, then the run directory claimed) and `train_claimed`, the loop, whose `# --- method ---`
+lines are the algorithm (smat.meta_train_step per task, smat.meta_update per meta-batch) and whose
+`# --- plumbing ---` lines call the helpers below it (processes, data, the run's state, checkpoints,
+metrics); last the command line. The method itself lives in smat.py; this file owns devices,
+processes, files and time. Run directories are claimed, read and written by rundir.py.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -61,10 +62,13 @@ def resolve_backbone(cfg: Config) -> backbones.VisionTransformer:
     if name in backbones.SHIPPED_WEIGHTS and not weights:
         return backbones.load_shipped(name)
     path = Path(cfg.backbone).expanduser()
-    if not path.exists():
-        valid = ", ".join(sorted(backbones.PRESETS))
-        raise backbones.BackboneError(f"unknown backbone {cfg.backbone!r}; use one of {valid}, PRESET:WEIGHTS or a file")
-    return backbones.load_backbone(path)[0]
+    if path.exists():
+        return backbones.load_backbone(path)[0]
+    if name in backbones.PRESETS:  # never ignore a part of the flag
+        raise backbones.BackboneError(f"backbone {cfg.backbone!r}: {name} takes no :WEIGHTS part (its weights are "
+                                      f"shipped); use {name}, or the path of a backbone file")
+    raise backbones.BackboneError(f"unknown backbone {cfg.backbone!r}; use tiny, vit_small_patch16[:WEIGHTS], "
+                                  f"vit_base_patch16[:WEIGHTS] or a backbone file")
 
 
 # --- schedule and small helpers ------------------------------------------------------------------
@@ -117,7 +121,7 @@ def router_entropy(weights: torch.Tensor) -> torch.Tensor:
 
 def meta_train(
     cfg: Config,
-    out_dir: Path,
+    out_dir: Path | None = None,
     device: str = "auto",
     resume: bool = False,
     evaluate_at_end: bool = True,
@@ -125,14 +129,27 @@ def meta_train(
     cache_dir: Path | None = None,
     console: Console | None = None,
 ) -> Path:
-    """Meta-train `cfg` into `out_dir`; returns the run directory. See the module docstring."""
-    # --- plumbing: everything that can fail on bad input fails before the run directory is touched ---
+    """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
+    See the module docstring. Every flag and the data are checked before anything is written; the
+    run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory)."""
     console = console or Console(stderr=False)
     procs = processes(device, cfg)
+    check_stop_after(cfg, stop_after)
     sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
-    state = previous_state(cfg, out_dir, resume)
+    claim, out_dir = claim_run_directory(cfg, out_dir, resume, procs)
+    try:
+        with claim or nullcontext():
+            return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console)
+    except KeyboardInterrupt:
+        raise rundir.Interrupted(interrupted(out_dir, claim, resume)) from None
+
+
+def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
+                  resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console) -> Path:
+    """The run in its claimed directory: resume or start, the loop, the final evaluation."""
+    state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
     procs = init_distributed(procs)
-    run = start_run(cfg, out_dir, state, procs, stop_after)
+    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources)
     id_sources = [s for s in sources if s.split == "id"]
     stream = data.TrainStream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
                               start=run.episodes_done + procs.rank, stride=procs.world)
@@ -215,17 +232,73 @@ def load_sources(cfg: Config, cache_dir: Path) -> list[data.Source]:
     return sources
 
 
-def previous_state(cfg: Config, out_dir: Path, resume: bool) -> dict | None:
-    """The checkpoint to resume (same configuration but for `episodes`), or None for a fresh run,
-    which needs an empty or absent `out_dir`."""
+def check_stop_after(cfg: Config, stop_after: int | None) -> None:
+    """--stop-after: a positive multiple of the meta-batch, within --episodes (never silently rounded)."""
+    if stop_after is None:
+        return
+    batch = cfg.meta_batch
+    if stop_after < 1 or stop_after % batch:
+        near = max(batch, stop_after // batch * batch)
+        raise RunError(f"--stop-after {stop_after} is not valid; it must be a positive multiple of meta_batch "
+                       f"{batch}, such as {near} or {near + batch}")
+    if stop_after > cfg.episodes:
+        raise RunError(f"--stop-after {stop_after} is beyond --episodes {cfg.episodes}; drop it to train to the end")
+
+
+def claim_run_directory(cfg: Config, out_dir: Path | None, resume: bool,
+                        procs: "Processes") -> tuple[rundir.RunDirectory | None, Path]:
+    """(claim, directory): rank 0 claims the run directory (a new runs/METHOD-TIME[-N] by default);
+    the other processes write nothing and claim nothing."""
+    if out_dir is None:
+        if not procs.main:
+            return None, Path("runs") / rundir.default_run_name(cfg.method)
+        claim = rundir.RunDirectory.new(Path("runs"), rundir.default_run_name(cfg.method))
+        return claim, claim.path
+    out_dir = Path(out_dir)
+    if not procs.main:
+        return None, out_dir
+    rundir.check_target_directory(out_dir, "--resume" if resume else "--out")
+    return rundir.RunDirectory(out_dir, fresh=not resume, create=not resume), out_dir
+
+
+def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop_after: int | None = None,
+                   evaluate_at_end: bool = True) -> dict | None:
+    """The checkpoint to resume, checked (rundir.read_checkpoint), or None for a fresh run and for a run
+    stopped before its first checkpoint (it starts again from episode 0). A resumed run keeps its
+    configuration but for `episodes` (no fewer than it has done) and its classes (data.json), and
+    must have something left to do."""
     if not resume:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise RunError(f"{out_dir} already holds files; pass --resume {out_dir} or choose another --out")
+        return None
+    rundir.check_run_files(out_dir)
+    rundir.check_classes(out_dir, sources, every_source=True)
+    if not any((out_dir / name).exists() for name in ("checkpoint.pt", "best.pt")):
         return None
     state = read_checkpoint(out_dir / "checkpoint.pt")
     if dataclasses.replace(config_from_dict(state["config"]), episodes=cfg.episodes) != cfg:
         raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
+    rundir.check_resumable(state, out_dir / "checkpoint.pt")
+    if (out_dir / "best.pt").exists():  # read at the end of the run: a damaged one fails now, not then
+        best = read_checkpoint(out_dir / "best.pt")
+        if dataclasses.replace(config_from_dict(best["config"]), episodes=cfg.episodes) != cfg:
+            raise RunError(f"{out_dir / 'best.pt'} was trained with another configuration than {out_dir}")
+    done = state["episode"]
+    if done > cfg.episodes:
+        raise RunError(f"{out_dir} has already trained {done} episodes; pass --episodes {done} or more to continue it")
+    if stop_after is not None and stop_after <= done:
+        raise RunError(f"--stop-after {stop_after}: {out_dir} has already trained {done} episodes; pass a larger one")
+    if done == cfg.episodes and not evaluate_at_end:
+        raise RunError(f"{out_dir} has trained all its {done} episodes, nothing is left to resume; pass a larger "
+                       f"--episodes to train further, or test it with evaluate.py")
     return state
+
+
+def interrupted(out_dir: Path, claim: rundir.RunDirectory | None, resume: bool) -> str:
+    """What Ctrl-C leaves, and how to go on."""
+    if not resume and (claim is None or not claim.started):
+        return "interrupted (Ctrl-C) before the run started; nothing was written"
+    checkpoint = out_dir / "checkpoint.pt"
+    kept = f"{checkpoint} holds the last checkpoint" if checkpoint.is_file() else "no checkpoint was written yet"
+    return f"interrupted (Ctrl-C); {kept}: continue with python train.py --resume {out_dir}"
 
 
 def initial_model(cfg: Config, state: dict | None, procs: Processes) -> tuple[SMAT, dict]:
@@ -234,7 +307,7 @@ def initial_model(cfg: Config, state: dict | None, procs: Processes) -> tuple[SM
     torch.manual_seed(cfg.seed)
     if state is not None:
         model = build_model(cfg, state["backbone_spec"])
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # checked by rundir.read_checkpoint
         return model, state["backbone_spec"]
     vit = resolve_backbone(cfg) if procs.main or procs.world == 1 else None
     if procs.world > 1:
@@ -242,6 +315,7 @@ def initial_model(cfg: Config, state: dict | None, procs: Processes) -> tuple[SM
         dist.broadcast_object_list(box, src=0)
         vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
         vit.load_state_dict(box[0])
+    rundir.check_memory(cfg, sum(p.numel() for p in vit.parameters()), procs.device)
     torch.manual_seed(cfg.seed)  # the same experts and router whatever loading the backbone drew
     return SMAT(vit, cfg), dataclasses.asdict(vit.spec)
 
@@ -293,8 +367,11 @@ class Run:
                 "best_val": self.best_val, "best_episode": self.best_episode}
 
 
-def start_run(cfg: Config, out_dir: Path, state: dict | None, procs: Processes, stop_after: int | None) -> Run:
-    """The model on its device, the optimisers (restored when resuming), and config.json written."""
+def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, state: dict | None, procs: Processes,
+              stop_after: int | None, sources: list) -> Run:
+    """The model on its device, the optimisers (restored when resuming), and the run's first files
+    written: data.json (the classes of every partition, for a run that starts from episode 0) and
+    config.json."""
     model, backbone_spec = initial_model(cfg, state, procs)
     model = model.to(procs.device)
     scaler = torch.amp.GradScaler("cuda") if procs.device.type == "cuda" and cfg.precision == "fp16" else None
@@ -302,15 +379,19 @@ def start_run(cfg: Config, out_dir: Path, state: dict | None, procs: Processes, 
     last_step = total_steps if stop_after is None else min(total_steps, math.ceil(stop_after / cfg.meta_batch))
     run = Run(cfg, out_dir, model, smat.MetaOptimizer(model), scaler, backbone_spec, total_steps, last_step)
     if state is not None:
-        run.optimizer.load_state_dict(state["optimizer"])
+        rundir.restore_optimizer(run.optimizer, state, str(out_dir / "checkpoint.pt"))
         if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+            try:
+                scaler.load_state_dict(state["scaler"])
+            except Exception as error:
+                raise RunError(f"{out_dir / 'checkpoint.pt'}: the gradient scaler state does not fit "
+                               f"({rundir.reason(error)})") from None
         run.step, run.best_val, run.best_episode = state["step"], state["best_val"], state["best_episode"]
     if procs.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp*"):  # left by a process killed while writing
-            stale.unlink()
-        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
+        files = {"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"}
+        if state is None and not (out_dir / "data.json").exists():
+            files = {"data.json": rundir.manifest_text(sources)} | files  # config.json last: it marks a run
+        claim.start(files)
     return run
 
 
@@ -447,7 +528,7 @@ def main(
     data_spec: Annotated[Optional[str], option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood", field="data")] = None,
     backbone: Annotated[Optional[str], option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file", field="backbone")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
-    profile: Annotated[Literal["cpu", "paper"], typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)")] = "cpu",
+    profile: Annotated[Optional[Literal["cpu", "paper"]], typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)", show_default="cpu")] = None,
     teacher: Annotated[Optional[bool], option("--teacher/--no-teacher", help="dense teacher + distillation", field="teacher")] = None,
     kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model", field="kl_to_pretrained")] = None,
     kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
@@ -469,18 +550,35 @@ def main(
                  "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        cfg = make_config(profile, overrides, resume)
+        check_flags(resume, out, profile, kl_to_pretrained, kl_pretrained)
+        cfg = make_config(profile or "cpu", overrides, resume)
         if not check_shapes:
             import jaxtyping
 
             jaxtyping.config.update("jaxtyping_disable", True)
-        out_dir = resume or out or Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        meta_train(cfg, Path(out_dir), device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
+        meta_train(cfg, resume or out, device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
                    stop_after=stop_after)
     except rundir.USER_ERRORS as error:
         fail(str(error))
     except NonFiniteLoss as error:
         fail(str(error), code=1)
+    except rundir.Interrupted as error:
+        fail(str(error), code=130)
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C) before the run started; nothing was written", code=130)
+    except OSError as error:  # what no check foresaw: still one line naming the path
+        fail(rundir.os_error_line(error))
+
+
+def check_flags(resume: Path | None, out: Path | None, profile: str | None, kl_to_pretrained: bool | None,
+                kl_pretrained: bool | None) -> None:
+    """Flags that contradict each other: never silently ignore one."""
+    if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise RunError(f"--resume {resume} continues the run in its own directory; drop --out {out}")
+    if resume is not None and profile is not None:
+        raise RunError("--resume keeps the run's configuration; drop --profile")
+    if None not in (kl_to_pretrained, kl_pretrained) and kl_to_pretrained != kl_pretrained:
+        raise RunError("--kl-to-pretrained and --kl-pretrained (its old spelling) disagree; pass one of them")
 
 
 def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:
