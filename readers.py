@@ -1,7 +1,7 @@
 """Real image sources behind `--data`, and `parse_data_spec`, the one string that names any source.
 
 § 1 `ImageListSource`, a domain whose classes are lists of items a reader decodes, and
-`folder_sources` (ROOT/<class>/*.png); § 2 `torchvision_source` (torchvision datasets, with
+`folder_sources` (class folders, given train/val/test split folders or CSV files); § 2 `torchvision_source` (torchvision datasets, with
 Meta-Dataset's class counts and Omniglot's alphabet hierarchy); § 3 `h5_source` (one Meta-Dataset
 source in PMF's h5 layout); § 4 `parse_data_spec` ("embedded", "folder:PATH",
 "torchvision:NAME:ROOT", "h5:PATH/SOURCE", comma-joined, each optionally @id / @ood), which also
@@ -129,30 +129,126 @@ def _class_partition(names: Sequence[str], split: Split, seed: int, domain: str,
             "test": sorted(shuffled[n_train + n_val:])}
 
 
+SPLIT_LAYOUTS = ("ROOT/<class>/<images>, ROOT/<domain>/<class>/<images>, ROOT/{train,val,test}/<class>/<images>, "
+                 "ROOT/<domain>/{train,val,test}/<class>/<images> or ROOT/{train,val,test}.csv with ROOT/images/")
+
+
+def _split_markers(folder: Path) -> tuple[list[str], list[str], bool]:
+    """(split folders, split CSVs, whether splits.json exists) directly under `folder`."""
+    folders = [s for s in PARTITIONS if (folder / s).is_dir()]
+    csvs = [f"{s}.csv" for s in PARTITIONS if (folder / f"{s}.csv").is_file()]
+    return folders, csvs, (folder / "splits.json").is_file()
+
+
+def _layout(folder: Path) -> str:
+    """How one domain folder gives its classes: "split folders", "split csv" or "classes" (class folders,
+    split by splits.json or a seeded partition). Two ways of giving the split at once is a DataError."""
+    folders, csvs, json_file = _split_markers(folder)
+    given = [f"split folders {'/'.join(folders)}"] * bool(folders) + [f"split files {', '.join(csvs)}"] * bool(csvs) \
+        + ["splits.json"] * json_file
+    if len(given) > 1:
+        raise DataError(f"{folder} gives its class split in more than one way ({' and '.join(given)}); "
+                        f"keep one of them")
+    if folders:
+        others = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in PARTITIONS)
+        if others:
+            raise DataError(f"{folder} mixes split folders {'/'.join(folders)} with other folders {others[:5]}; "
+                            f"put every class under train/, val/ or test/, or use no split folders")
+        return "split folders"
+    return "split csv" if csvs else "classes"
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    """Class name -> sorted image files of every class folder under `folder`; an empty class or an empty
+    image file is a DataError (caught here, before a run directory exists, not at its first episode)."""
+    files = {d.name: _image_files(d) for d in sorted(folder.iterdir()) if d.is_dir()}
+    empty = [name for name, paths in files.items() if not paths]
+    if empty:  # a class that silently vanished would change the class split and the episodes
+        raise DataError(f"class folder {folder / empty[0]} has no images; add images with suffixes "
+                        f"{', '.join(IMAGE_SUFFIXES)} or remove the folder")
+    zero = next((path for paths in files.values() for path in paths if path.stat().st_size == 0), None)
+    if zero is not None:
+        raise DataError(f"image file {zero} is empty; remove it or replace it with a valid image")
+    return files
+
+
+def _given_split(chosen: dict[Partition, list[str]], where: Path) -> None:
+    """A class in two given partitions would leak test classes into training: a DataError."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted(set(chosen[a]) & set(chosen[b]))
+        if shared:
+            raise DataError(f"class {shared[0]} is in both the {a} and the {b} split of {where}; "
+                            f"each class belongs to one split")
+
+
+def _split_folder_classes(domain: Path) -> tuple[dict[Partition, list[str]], dict[Partition, list[list[Path]]]]:
+    """ROOT/{train,val,test}/<class>/<images>: the given split, never re-split."""
+    per_split = {p: _class_files(domain / p) if (domain / p).is_dir() else {} for p in PARTITIONS}
+    chosen = {p: sorted(per_split[p]) for p in PARTITIONS}
+    _given_split(chosen, domain)
+    return chosen, {p: [per_split[p][c] for c in chosen[p]] for p in PARTITIONS}
+
+
+def _split_csv_classes(domain: Path) -> tuple[dict[Partition, list[str]], dict[Partition, list[list[Path]]]]:
+    """miniImageNet's split files ROOT/{train,val,test}.csv, header filename,label; each filename is
+    looked up in ROOT/images/ when that folder exists, else next to the CSV files."""
+    images = domain / "images" if (domain / "images").is_dir() else domain
+    chosen: dict[Partition, list[str]] = {p: [] for p in PARTITIONS}
+    partitions: dict[Partition, list[list[Path]]] = {p: [] for p in PARTITIONS}
+    for partition in PARTITIONS:
+        path = domain / f"{partition}.csv"
+        if not path.is_file():
+            continue
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read split file {path} ({type(error).__name__})") from None
+        if not lines or [c.strip() for c in lines[0].split(",")] != ["filename", "label"]:
+            raise DataError(f"split file {path} must start with the header filename,label")
+        classes: dict[str, list[Path]] = {}
+        for number, line in enumerate(lines[1:], start=2):
+            filename, comma, label = line.rpartition(",")
+            if not comma or not filename or not label:
+                raise DataError(f"line {number} of {path} is not filename,label: {line[:60]!r}")
+            classes.setdefault(label.strip(), []).append(images / filename.strip())
+        missing = next((p for paths in classes.values() for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise DataError(f"{path} names {missing.name}, which is not in {images}; put the images in "
+                            f"{domain / 'images'} or next to the CSV files")
+        chosen[partition] = sorted(classes)
+        partitions[partition] = [sorted(classes[c]) for c in chosen[partition]]
+    _given_split(chosen, domain)
+    return chosen, partitions
+
+
 def folder_sources(root: Path, split: Split | None = None, seed: int = 0) -> list[Source]:
-    """ROOT/<class>/*.png (one domain named after ROOT) or ROOT/<domain>/<class>/*.png (one per domain).
-    An optional splits.json in a domain folder fixes its class split."""
+    """Image folders in the layouts users have, each domain one source (docs/benchmark.md, "Real data
+    layouts"): ROOT/<class>/ (one domain named after ROOT) or ROOT/<domain>/<class>/, whose classes are
+    split by an optional splits.json in the domain folder or a seeded 64/16/20 partition; and, with the
+    split given and respected, ROOT/{train,val,test}/<class>/, ROOT/<domain>/{train,val,test}/<class>/
+    and miniImageNet's ROOT/{train,val,test}.csv. Mixed or ambiguous layouts are a DataError."""
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; expected ROOT/<class>/<images> or "
-                        f"ROOT/<domain>/<class>/<images>{_mark_hint(root)}")
+        raise DataError(f"image folder {root} does not exist; expected {SPLIT_LAYOUTS}{_mark_hint(root)}")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    domains = [root] if any(_image_files(d) for d in subdirs) else [d for d in subdirs if any(
-        sub.is_dir() and _image_files(sub) for sub in d.iterdir())]
+    if _layout(root) != "classes" or any(_image_files(d) for d in subdirs):
+        domains = [root]
+    else:
+        domains = [d for d in subdirs if _layout(d) != "classes" or any(
+            sub.is_dir() and _image_files(sub) for sub in d.iterdir())]
     if not domains:
-        raise DataError(f"no class folders with images under {root}; expected ROOT/<class>/<images> with "
+        raise DataError(f"no class folders with images under {root}; expected {SPLIT_LAYOUTS}, images with "
                         f"suffixes {', '.join(IMAGE_SUFFIXES)}")
     sources: list[Source] = []
     for domain in domains:
-        files = {d.name: _image_files(d) for d in sorted(domain.iterdir()) if d.is_dir()}
-        empty = [name for name, paths in files.items() if not paths]
-        if empty:  # a class that silently vanished would change the class split and the episodes
-            raise DataError(f"class folder {domain / empty[0]} has no images; add images with suffixes "
-                            f"{', '.join(IMAGE_SUFFIXES)} or remove the folder")
-        zero = next((path for paths in files.values() for path in paths if path.stat().st_size == 0), None)
-        if zero is not None:  # caught here, before a run directory exists, not at its first episode
-            raise DataError(f"image file {zero} is empty; remove it or replace it with a valid image")
-        chosen = _class_partition(sorted(files), split or "id", seed, domain.name, domain / "splits.json")
-        partitions = {p: [files[name] for name in chosen[p]] for p in PARTITIONS}
+        layout = _layout(domain)
+        if layout == "split folders":
+            chosen, partitions = _split_folder_classes(domain)
+        elif layout == "split csv":
+            chosen, partitions = _split_csv_classes(domain)
+        else:
+            files = _class_files(domain)
+            chosen = _class_partition(sorted(files), split or "id", seed, domain.name, domain / "splits.json")
+            partitions = {p: [files[name] for name in chosen[p]] for p in PARTITIONS}
         sources.append(ImageListSource(domain.name, split or "id", partitions, _open_image, names=chosen))
     return sources
 

@@ -390,3 +390,107 @@ def test_empty_image_file_is_named(tmp_path):
 
     with pytest.raises(data.DataError, match="1.png is empty"):
         readers.folder_sources(tmp_path / "d", "ood")
+
+
+# --- folder layouts users have ----------------------------------------------------------------------
+
+
+def write_classes(folder, names, n_images=4):
+    for name in names:
+        for i in range(n_images):
+            write_png(folder / name / f"{i}.png", 7)
+
+
+def partition_names(source):
+    return {p: source.class_names(p) for p in data.PARTITIONS}
+
+
+def test_one_folder_of_classes_is_one_domain_split_by_seed(tmp_path):
+    write_classes(tmp_path / "birds", [f"c{k:02d}" for k in range(10)])
+
+    (source,) = readers.folder_sources(tmp_path / "birds")
+
+    names = partition_names(source)
+    assert source.name == "birds" and sorted(sum(names.values(), [])) == [f"c{k:02d}" for k in range(10)]
+    assert all(names[p] for p in data.PARTITIONS)
+
+
+def test_split_folders_give_the_split_and_it_is_kept(tmp_path):
+    write_classes(tmp_path / "mini" / "train", ["n01", "n02", "n03"])
+    write_classes(tmp_path / "mini" / "val", ["n04"])
+    write_classes(tmp_path / "mini" / "test", ["n05", "n06"])
+
+    (source,) = readers.parse_data_spec(f"folder:{tmp_path / 'mini'}", image_size=16)
+
+    assert source.name == "mini" and source.split == "id"
+    assert partition_names(source) == {"train": ["n01", "n02", "n03"], "val": ["n04"], "test": ["n05", "n06"]}
+
+
+def test_domains_of_split_folders_keep_each_given_split(tmp_path):
+    for domain in ("photos", "sketches"):
+        write_classes(tmp_path / domain / "train", ["a", "b"])
+        write_classes(tmp_path / domain / "test", ["c"])
+
+    sources = readers.folder_sources(tmp_path)
+
+    assert [s.name for s in sources] == ["photos", "sketches"]
+    assert all(partition_names(s) == {"train": ["a", "b"], "val": [], "test": ["c"]} for s in sources)
+
+
+def test_no_test_split_class_ever_appears_in_a_training_episode(tmp_path):
+    train, test = [f"train{k:02d}" for k in range(6)], [f"test{k:02d}" for k in range(6)]
+    write_classes(tmp_path / "mini" / "train", train, n_images=3)
+    write_classes(tmp_path / "mini" / "val", ["val00", "val01"], n_images=3)
+    write_classes(tmp_path / "mini" / "test", test, n_images=3)
+    (source,) = readers.parse_data_spec(f"folder:{tmp_path / 'mini'}", image_size=16)
+    read, seen = source._read, set()
+
+    def recording_read(path):
+        seen.add(path.parent.name)
+        return read(path)
+
+    source._read = recording_read
+    for index in range(40):
+        data.training_episode([source], data.Protocol("fixed", ways=3, shots=1, queries=1), 0, index, 16)
+
+    assert seen and seen <= set(train)
+
+
+def test_minimagenet_csv_split_files_read_images_from_the_images_folder(tmp_path):
+    root = tmp_path / "mini"
+    rows = {"train": ["n01", "n02"], "val": ["n03"], "test": ["n04", "n05"]}
+    for partition, labels in rows.items():
+        lines = ["filename,label"]
+        for label in labels:
+            for i in range(3):
+                write_png(root / "images" / f"{label}{i:04d}.jpg", 9)
+                lines.append(f"{label}{i:04d}.jpg,{label}")
+        (root / f"{partition}.csv").write_text("\n".join(lines) + "\n")
+
+    (source,) = readers.folder_sources(root)
+
+    assert partition_names(source) == rows and source.class_sizes("test") == [3, 3]
+    assert source.load("val", 0, [0], 16).shape == (1, 3, 18, 18)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda r: (write_classes(r / "train", ["a"]), write_classes(r / "test", ["b"]), write_classes(r / "extra", ["c"])),
+     "mixes split folders train/test with other folders \\['extra'\\]"),
+    (lambda r: (write_classes(r / "train", ["a"]), (r / "test.csv").write_text("filename,label\n")),
+     "more than one way \\(split folders train and split files test.csv\\)"),
+    (lambda r: (write_classes(r / "train", ["a"]), (r / "splits.json").write_text("{}")),
+     "more than one way \\(split folders train and splits.json\\)"),
+    (lambda r: (write_classes(r / "train", ["a", "b"]), write_classes(r / "test", ["b"])),
+     "class b is in both the train and the test split"),
+    (lambda r: (r.mkdir(parents=True), (r / "train.csv").write_text("file,class\nx.png,a\n")),
+     "must start with the header filename,label"),
+    (lambda r: (r.mkdir(parents=True), (r / "train.csv").write_text("filename,label\nx.png,a\n")),
+     "names x.png, which is not in"),
+])
+def test_a_mixed_or_broken_layout_is_one_line_naming_what_was_found(tmp_path, make, message):
+    make(tmp_path / "d")
+
+    with pytest.raises(data.DataError, match=message) as error:
+        readers.folder_sources(tmp_path / "d")
+
+    assert "\n" not in str(error.value)
