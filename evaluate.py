@@ -9,15 +9,19 @@ calls these functions. Runs are read through rundir.py; this module never import
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
+import platform
+import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -122,7 +126,8 @@ def evaluate_model(
     results = {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
                "method": "pre" if baseline == "pretrained" else model.cfg.method, "finetune": finetune,
                "partition": partition, "seed": seed, "protocol": asdict(protocol),
-               "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict()}
+               "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict(), "data": cfg.data,
+               "provenance": provenance(device)}
     if search is not None:
         results["finetune_lr_search"] = search
     if gates is not None:
@@ -384,19 +389,59 @@ def with_baselines(results: dict, baselines: dict[str, dict] | None) -> dict:
     return results | {"baselines": baselines, "paired": paired}
 
 
-def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | None = None) -> None:
-    """results.json and results.md in `run_dir`, each written to a temporary file and renamed, so a
-    reader never sees half a file. `baselines` (e.g. {"Pre": ...}) join the json and the table, with
-    the paired difference of the run against each."""
+@cache
+def _git_commit() -> str | None:
+    """The commit of the code that runs (`git rev-parse HEAD` in this file's folder), or None."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def provenance(device: str | torch.device) -> dict:
+    """What produced a result besides its config and protocol: code version, torch, python, device."""
+    return {"git_commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device)}
+
+
+def results_name(results: dict) -> str:
+    """The file stem of an evaluation, named by what it measured: results-<mode>-<data>-seed<S>-<N>ep,
+    where <data> is a short slug of the data string (its end, where paths differ) and a short hash of
+    all of it, e.g. results-zeroshot-folder-tmp-glyphs-ood-3f2a1c-seed0-600ep."""
+    data_spec = str(results.get("data", ""))
+    slug = re.sub(r"[^a-z0-9]+", "-", data_spec.lower()).strip("-")[-24:].strip("-") or "data"
+    digest = hashlib.sha256(data_spec.encode()).hexdigest()[:6]
+    mode = "zeroshot" if results["finetune"] == "none" else results["finetune"]
+    episodes = next(iter(results["domains"].values()))["episodes"] if results["domains"] else 0
+    return f"results-{mode}-{slug}-{digest}-seed{results['seed']}-{episodes}ep"
+
+
+def free_name(directory: Path, stem: str) -> str:
+    """`stem`, or stem-2, stem-3 ... : the first whose .json and .md are both absent from `directory`,
+    so that an evaluation never replaces another's file."""
+    candidates = (stem if k == 1 else f"{stem}-{k}" for k in range(1, 10_000))
+    return next(c for c in candidates if not any((directory / f"{c}{x}").exists() or (directory / f"{c}{x}").is_symlink()
+                                                 for x in (".json", ".md")))
+
+
+def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | None = None,
+                  stem: str = "results") -> None:
+    """<stem>.json and <stem>.md in `run_dir` (results.json / results.md: train.py's final test), each
+    written to a temporary file and renamed, so a reader never sees half a file. `baselines` (e.g.
+    {"Pre": ...}) join the json and the table, with the paired difference of the run against each."""
     results = with_baselines(results, baselines)
     extra = list((baselines or {}).items())
     text = (f"# Results: {Path(run_dir).name}\n\n{results['partition']} classes, "
-            f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}. "
+            f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}"
+            + (f", data `{results['data']}`" if results.get("data") else "") + ". "
             f"Accuracy % ± 95% CI; differences in points ± paired 95% CI over the same episodes.\n\n"
             + markdown_table([results] + [r for _, r in extra], [run_name(results)] + [n for n, _ in extra],
                              results.get("paired"))
             + (f"\n{sparsity_line(results)}\n" if "sparsity" in results else ""))
-    files = {"results.json": json.dumps(results, indent=2, allow_nan=False) + "\n", "results.md": text}
+    files = {f"{stem}.json": json.dumps(results, indent=2, allow_nan=False) + "\n", f"{stem}.md": text}
     for name, content in files.items():
         rundir.atomic_write_text(content, Path(run_dir) / name)
 
@@ -574,10 +619,17 @@ def main(
     sweep_plot: Annotated[Optional[Path], typer.Option(help="write ID and OOD accuracy against τ of all runs here")] = None,
     cost: Annotated[bool, typer.Option("--cost/--no-cost", help="time zero-shot SMAT against ProtoNet")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="write OUT/<run name>/results.* instead of into each run")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write OUT/<run name>/results-*.json instead of into each run")] = None,
+    compare_stored: Annotated[bool, typer.Option(
+        "--compare", help="the arguments are results files: print their table and paired differences "
+                          "against the first, computing nothing")] = False,
 ) -> None:
-    """Meta-test runs on the same seeded ID and OOD episodes; write results.json / results.md."""
+    """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<data>-seed<S>-<N>ep.json
+    and .md into each run (or OUT/<run name>/), never replacing another evaluation's file."""
     try:
+        if compare_stored:
+            compare_files(run_dirs)
+            return
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 cost, device, out)
     except USER_ERRORS as error:
@@ -587,6 +639,35 @@ def main(
                     "again for what is missing", code=130)
     except OSError as error:  # what no check foresaw: still one line naming the path
         rundir.fail(rundir.os_error_line(error))
+
+
+def load_results(path: Path) -> dict:
+    """One stored results file, or an EvaluateError line naming what is wrong with it."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise EvaluateError(f"cannot read results file {path} ({type(error).__name__}); give results-*.json "
+                            f"or results.json files written by evaluate.py or train.py") from None
+    if not isinstance(results, dict) or not isinstance(results.get("domains"), dict) or not results["domains"]:
+        raise EvaluateError(f"{path} is not a results file (no per-domain results); give results-*.json or "
+                            f"results.json files written by evaluate.py or train.py")
+    return results
+
+
+def compare_files(paths: list[Path], console: Console | None = None) -> None:
+    """The table of stored results files and each one's paired difference against the first (same
+    episodes needed), from their per-episode accuracies: nothing is evaluated again."""
+    if len(paths) < 2:
+        raise EvaluateError("--compare needs at least two results files")
+    results = [load_results(p) for p in paths]
+    names = [Path(p).parent.name or str(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    differences = {f"{name} − {names[0]}": paired_difference(result, results[0])
+                   for name, result in zip(names[1:], results[1:])}
+    print_table(results, names, console or Console(), differences)
 
 
 def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune: str, finetune_lr: float | None,
@@ -627,23 +708,26 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
         model, cfg, _ = rundir.load_run(run_dir, "cpu")
         # Every run on the first run's protocol, so all of them see the same episodes.
-        cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS})
-        key = (data_spec or cfg.data, cfg.image_size)
+        cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS},
+                      data=data_spec or cfg.data)  # cfg.data: the data tested, recorded in the results
+        key = (cfg.data, cfg.image_size)
         if key not in sources_for:
             sources_for[key] = readers.parse_data_spec(key[0], cfg.image_size, seed=0)
         rundir.check_classes(run_dir, sources_for[key], every_source=False)  # no test class the run trained on
         runs.append((Path(run_dir), model, cfg, sources_for[key]))
     targets = [run_dir if out is None else out / run_dir.name for run_dir, *_ in runs]
-    for target in targets:
-        rundir.check_run_files(target, ("results.json", "results.md") + (PICTURES if plots else ()))
+    for target in targets:  # results files get names no other file has (free_name): only pictures are replaced
+        rundir.check_run_files(target, PICTURES if plots else ())
     with ExitStack() as claims:
         for target in targets:  # the run directories, or folders under --out that exist already
             if target.is_dir():
                 claims.enter_context(rundir.RunDirectory(target, fresh=False, create=False))
         results, pre, pre_name = evaluate_runs(runs, episodes, seed, finetune, finetune_lr, baselines, cost, dev)
+        written: list[Path] = []
         for target, result in zip(targets, results):  # every run saw Pre's episodes: each keeps it
             target.mkdir(parents=True, exist_ok=True)
-            write_results(target, result, {pre_name: pre} if pre else None)
+            written.append(target / free_name(target, results_name(result)))
+            write_results(target, result, {pre_name: pre} if pre else None, written[-1].name)
             if plots:
                 plot_router_weights(result, target / "router_weights.png")
                 if "experts" in result:
@@ -655,6 +739,8 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     differences = {f"{name} − {pre_name}": paired_difference(result, pre)
                    for name, result in zip(names, results)} if pre and len(results) <= 2 else None
     print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
+    for path in written:
+        console.print(f"wrote {path}.json and .md")
     for name, result in zip(names, results):
         if "inference_cost" in result:
             c = result["inference_cost"]

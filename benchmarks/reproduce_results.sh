@@ -33,7 +33,7 @@ train() {  # train NAME FLAGS...: one run with its final test, skipped when it f
 }
 glyphs() {  # glyphs RUN: the run on the real-glyph domains, results in $OUT/glyphs/RUN/
   local run=$1
-  [ -f "$OUT/glyphs/$run/results.json" ] && return 0
+  compgen -G "$OUT/glyphs/$run/results-zeroshot-*.json" > /dev/null && return 0
   "$PYTHON" evaluate.py "$OUT/$run" --data "folder:$OUT/glyph_check@ood" --episodes "$GLYPH_EPISODES" \
     --out "$OUT/glyphs" > "$OUT/glyphs-$run.log" 2>&1
 }
@@ -58,4 +58,4 @@ export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
     for tau in 0.5 0.7 0.95; do echo "smat-s$tau-seed$seed"; done
   done
 } | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
-echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results.json"
+echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results-zeroshot-*.json"

@@ -21,16 +21,18 @@ import evaluate  # noqa: E402  (the repository root is on the path only now)
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
 SWEEP = (0.5, 0.7, 0.9, 0.95)
+GLYPH_RESULTS = "results-zeroshot-*.json"  # evaluate.py --out runs/results/glyphs names its file by what it measured
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def seeds_of(root: Path, prefix: str) -> dict[int, dict]:
-    """{seed: results.json} of every finished seed of a run family, e.g. "smat" -> smat-seed0, ..."""
-    found = root.glob(f"{prefix}-seed*/results.json")
-    return {int(path.parent.name.rsplit("seed", 1)[1]): load(path) for path in sorted(found)}
+def seeds_of(root: Path, prefix: str, name: str = "results.json") -> dict[int, dict]:
+    """{seed: results} of every finished seed of a run family, e.g. "smat" -> smat-seed0, ...: train.py's
+    results.json, or with name="results-*.json" evaluate.py's file (the first by name where several)."""
+    found = sorted(root.glob(f"{prefix}-seed*/{name}"), reverse=True)  # so the first by name wins below
+    return {int(path.parent.name.rsplit("seed", 1)[1]): load(path) for path in found}
 
 
 def first(results: dict, n: int) -> dict:
@@ -97,7 +99,7 @@ def sweep(root: Path, episodes: int, plot: Path | None, references: dict[str, di
         mean = evaluate.average_runs([first(r, episodes) for r in runs.values()])
         points[tau] = mean
         (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(mean, "id"), evaluate.split_average(mean, "ood")
-        glyphs = seeds_of(root / "glyphs", prefix)
+        glyphs = seeds_of(root / "glyphs", prefix, GLYPH_RESULTS)
         glyph = evaluate.split_average(evaluate.average_runs(list(glyphs.values())), "ood") if glyphs else None
         glyph_cell = f"{glyph[0]:.2f} ± {glyph[1]:.2f} ({len(glyphs)} seeds)" if glyph else "-"
         lines.append(f"| {tau} | {len(runs)} | {id_mean:.2f} ± {id_ci:.2f} | {ood_mean:.2f} ± {ood_ci:.2f} | "
@@ -127,7 +129,8 @@ def main() -> None:
     print(f"| SMAT τ = 0.9 | {sparsity_rows(smat)} |\n")
     references = {"Pre": pre, "PMF": evaluate.average_runs(list(pmf.values()))}
     print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot, references))
-    glyph_pmf, glyph_smat = seeds_of(root / "glyphs", "pmf"), seeds_of(root / "glyphs", "smat")
+    glyph_pmf = seeds_of(root / "glyphs", "pmf", GLYPH_RESULTS)
+    glyph_smat = seeds_of(root / "glyphs", "smat", GLYPH_RESULTS)
     if glyph_smat and glyph_pmf:
         glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
         print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))

@@ -5,6 +5,7 @@ small in-memory domains the tests draw themselves."""
 import dataclasses
 import json
 import math
+import re
 import statistics
 import sys
 
@@ -437,8 +438,8 @@ def test_cli_evaluates_several_runs_into_one_table_and_writes_their_results(runs
 
     assert result.exit_code == 0, result.output
     assert "Pre" in result.stdout and "smat-run" in result.stdout and "pmf-run" in result.stdout
-    smat_results = json.loads((runs / "smat-run" / "results.json").read_text())
-    pmf_results = json.loads((runs / "pmf-run" / "results.json").read_text())
+    smat_results, pmf_results = (json.loads(next((runs / r).glob("results-*.json")).read_text())
+                                 for r in ("smat-run", "pmf-run"))
     assert smat_results["method"] == "smat" and "Pre" in smat_results["baselines"]
     assert pmf_results["method"] == "pmf" and pmf_results["baselines"]["Pre"] == smat_results["baselines"]["Pre"]
     assert "smat-run − Pre" in result.stdout  # the paired difference column
@@ -474,4 +475,71 @@ def test_bad_run_directories_and_flags_give_one_line_and_exit_code_2(runs, case)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.output
     assert sorted(p.name for p in (runs / "smat-run").iterdir()) == before
-    assert not (runs / "pmf-run" / "results.json").exists()  # nothing written for the good run either
+    assert not list((runs / "pmf-run").glob("results*"))  # nothing written for the good run either
+
+
+# --- results are append-only, stamped and comparable later ---------------------------------------------
+
+
+def test_each_evaluation_writes_its_own_named_file_and_never_replaces_another(runs):
+    run = runs / "smat-run"
+    (run / "results.json").write_text('{"written by": "train.py"}\n')
+    args = [str(run), "--device", "cpu", "--no-baselines"]
+
+    for extra in ([], ["--episodes", "3"], []):  # the third repeats the first
+        assert CliRunner().invoke(evaluate.app, args + extra).exit_code == 0
+
+    names = sorted(p.name for p in run.glob("results*"))
+    digest = evaluate.results_name({"data": "embedded", "finetune": "none", "seed": 0,
+                                    "domains": {"d": {"episodes": 2}}}).split("-")[3]
+    first = f"results-zeroshot-embedded-{digest}-seed0-2ep"
+    assert names == sorted(["results.json", f"{first}.json", f"{first}.md", f"{first}-2.json", f"{first}-2.md",
+                            f"results-zeroshot-embedded-{digest}-seed0-3ep.json",
+                            f"results-zeroshot-embedded-{digest}-seed0-3ep.md"])
+    assert json.loads((run / "results.json").read_text()) == {"written by": "train.py"}
+
+
+def test_results_files_record_code_torch_python_device_and_data(runs):
+    assert CliRunner().invoke(evaluate.app, [str(runs / "smat-run"), "--device", "cpu", "--no-baselines"]).exit_code == 0
+
+    results = json.loads(next((runs / "smat-run").glob("results-*.json")).read_text())
+
+    stamp = results["provenance"]
+    assert stamp["torch"] == torch.__version__ and stamp["device"] == "cpu" and stamp["python"].count(".") == 2
+    assert stamp["git_commit"] is None or len(stamp["git_commit"]) == 40
+    assert results["data"] == "embedded" and results["protocol"]["kind"] in ("fixed", "variable")
+
+
+def test_a_data_string_becomes_a_short_safe_name_that_tells_strings_apart():
+    name = {"finetune": "full", "seed": 3, "domains": {"d": {"episodes": 600}}}
+    a = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
+    b = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
+
+    assert a != b and a.startswith("results-full-") and a.endswith("-seed3-600ep")
+    assert re.fullmatch(r"[a-z0-9-]+", a) and len(a) < 80
+
+
+def test_compare_prints_stored_results_and_their_paired_difference_without_evaluating(runs, monkeypatch):
+    for run in ("smat-run", "pmf-run"):
+        assert CliRunner().invoke(evaluate.app, [str(runs / run), "--device", "cpu", "--no-baselines"]).exit_code == 0
+    files = [str(next((runs / run).glob("results-*.json"))) for run in ("smat-run", "pmf-run")]
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("--compare evaluated a model"))
+
+    result = CliRunner().invoke(evaluate.app, ["--compare", *files], env={"COLUMNS": "250"})
+
+    assert result.exit_code == 0, result.output
+    assert "smat-run" in result.stdout and "pmf-run − smat-run" in result.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "cannot read results file"), ('{"domains": {}}', "is not a results file")])
+def test_compare_refuses_a_file_that_is_not_results_in_one_line(runs, content, message):
+    (runs / "bad.json").write_text(content)
+    assert CliRunner().invoke(evaluate.app, [str(runs / "smat-run"), "--device", "cpu", "--no-baselines"]).exit_code == 0
+    good = next((runs / "smat-run").glob("results-*.json"))
+
+    result = CliRunner().invoke(evaluate.app, ["--compare", str(good), str(runs / "bad.json")])
+
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+

@@ -363,8 +363,8 @@ CASES = {
         T, ["--resume", str(damaged(a, ws, lambda s: s.update(step="2"))), *RESUME], 'step = "2" is not valid'),
     "evaluate: best.pt is a folder": lambda a, ws: (E, evaluate_args(with_a_folder(a, ws, "best.pt")),
                                                     "best.pt is not a file"),
-    "evaluate: results.json is a folder": lambda a, ws: (E, evaluate_args(with_a_folder(a, ws, "results.json")),
-                                                         "results.json is not a file"),
+    "evaluate --plots: mask_overlap.png is a folder": lambda a, ws: (
+        E, evaluate_args(with_a_folder(a, ws, "mask_overlap.png"), "--plots"), "mask_overlap.png is not a file"),
     "--resume: metrics.jsonl is a folder": lambda a, ws: (
         T, ["--resume", str(with_a_folder(a, ws, "metrics.jsonl")), *RESUME], "metrics.jsonl is not a file"),
     # class 4: non-finite values
@@ -808,7 +808,8 @@ def test_a_closed_or_full_stdout_or_an_ascii_terminal_never_costs_the_evaluation
         rundir.run_cli(evaluate.app)
 
     assert exit.value.code == 0
-    results = json.loads((run / "results.json").read_text())
+    (written,) = run.glob("results-*.json")
+    results = json.loads(written.read_text())
     assert math.isfinite(results["domains"]["alpha"]["mean"]) and "Pre" in results["baselines"]
     out.flush()  # the closed pipe and the full device now point at /dev/null: nothing is left to fail
     if stream == "ascii only":  # the table laid out in ASCII: +/- for ±, - for −
@@ -936,5 +937,6 @@ def test_a_damaged_run_directory_is_evaluated_from_finite_values_or_refused_in_o
         used = run / "best.pt" if (run / "best.pt").exists() else run / "checkpoint.pt"
         tensors = torch.load(used, weights_only=True)["model"].values()
         assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), damage
-        results = json.loads((run / "results.json").read_text())
+        (written,) = run.glob("results-*.json")
+        results = json.loads(written.read_text())
         assert finite_numbers(results) and set(results["domains"]) == {"alpha", "beta"}, damage
