@@ -276,22 +276,39 @@ OMNIGLOT_VALID_ALPHABETS = frozenset({
     "Inuktitut_(Canadian_Aboriginal_Syllabics)", "Tagalog", "Alphabet_of_the_Magi"})
 
 
-def _open_torchvision(name: str, root: Path, arguments: dict) -> tuple[object, list[int], list[str] | None]:
+def torchvision_name(name: str) -> str:
+    """The key of TORCHVISION_DATASETS that `name` means: the key or torchvision's class name, in any
+    case (fgvc_aircraft, FGVCAircraft, fgvcaircraft)."""
+    aliases = {key: key for key in TORCHVISION_DATASETS} | {
+        cls.lower(): key for key, (cls, _) in TORCHVISION_DATASETS.items()}
+    if name.lower() not in aliases:
+        raise DataError(f"unknown torchvision dataset {name!r}; valid: {', '.join(TORCHVISION_DATASETS)} "
+                        f"(or torchvision's class names: {', '.join(c for c, _ in TORCHVISION_DATASETS.values())})")
+    return aliases[name.lower()]
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _open_torchvision(name: str, root: Path, arguments: dict,
+                      download: bool = False) -> tuple[object, list[int], list[str] | None]:
     """(dataset, label of every item, Omniglot's alphabet of every label or None) of one part of a
-    torchvision dataset: what lies under ROOT, else a download."""
+    torchvision dataset: what lies under ROOT; a download only when asked for (`download`)."""
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name][0])
     try:  # first read what is under ROOT, without the download-integrity hashes
         return _torchvision_part(cls, root, arguments, local=True)
-    except Exception:
-        pass
+    except Exception as error:
+        if not download:
+            raise DataError(f"torchvision dataset {name} is not under {root} ({_first_line(error)}); put it "
+                            f"there, or add :download=1 to download it: torchvision:{name}:{root}:download=1") from None
     try:
         return _torchvision_part(cls, root, arguments, local=False)
     except Exception as error:
         raise DataError(f"torchvision dataset {name} is not under {root} and could not be downloaded "
-                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                        f"put it there or allow network access") from None
+                        f"({_first_line(error)}); put it there or allow network access") from None
 
 
 def _torchvision_part(cls: type, root: Path, arguments: dict,
@@ -337,11 +354,13 @@ def _torchvision_part(cls: type, root: Path, arguments: dict,
     return dataset, labels, alphabets
 
 
-def torchvision_source(name: str, root: Path, split: Split | None = None, seed: int = 0) -> Source:
-    """A torchvision dataset as a class-split source; Omniglot keeps MD's alphabet split and hierarchy."""
-    if name not in TORCHVISION_DATASETS:
-        raise DataError(f"unknown torchvision dataset {name!r}; valid: {', '.join(TORCHVISION_DATASETS)}")
-    parts = [_open_torchvision(name, root, arguments) for arguments in TORCHVISION_DATASETS[name][1]]
+def torchvision_source(name: str, root: Path, split: Split | None = None, seed: int = 0,
+                       download: bool = False) -> Source:
+    """A torchvision dataset as a class-split source; Omniglot keeps MD's alphabet split and hierarchy.
+    `name` is a key of TORCHVISION_DATASETS or torchvision's class name; it is downloaded into `root`
+    only with `download` (and only when it is not there already)."""
+    name = torchvision_name(name)
+    parts = [_open_torchvision(name, root, arguments, download) for arguments in TORCHVISION_DATASETS[name][1]]
     # class key -> items; Omniglot's two parts have separate label spaces, the others share one
     classes: dict[tuple[int, int], list[tuple[object, int]]] = {}
     for part_index, (dataset, labels, _) in enumerate(parts):
@@ -504,8 +523,9 @@ def _split_mark(part: str) -> tuple[str, str]:
 
 def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, seed: int = 0) -> list[Source]:
     """Sources named by one string: "embedded" (default; or "embedded:NAME" for one domain),
-    "folder:PATH", "torchvision:NAME:ROOT", "h5:PATH/SOURCE", joined by commas, each optionally
-    ending in "@id" or "@ood". Without a mark, embedded domains keep their own split and real sources
+    "folder:PATH", "torchvision:NAME:ROOT" (NAME a key of TORCHVISION_DATASETS or torchvision's class
+    name; "torchvision:NAME:ROOT:download=1" downloads it if it is not there), "h5:PATH/SOURCE", joined
+    by commas, each optionally ending in "@id" or "@ood". Without a mark, embedded domains keep their own split and real sources
     are ID when they have train classes, OOD otherwise. `seed` fixes seeded class splits of folders and
     torchvision datasets; keep it constant to compare runs."""
     if image_size < 8:
@@ -526,8 +546,9 @@ def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, s
         elif kind == "folder" and rest:
             found = folder_sources(Path(rest).expanduser(), split, seed)
         elif kind == "torchvision" and ":" in rest:
-            name, _, root = rest.partition(":")
-            found = [torchvision_source(name.lower(), Path(root).expanduser(), split, seed)]
+            download = rest.endswith(":download=1")
+            name, _, root = rest.removesuffix(":download=1").partition(":")
+            found = [torchvision_source(name, Path(root).expanduser(), split, seed, download)]
         elif kind == "h5" and rest:
             found = [h5_source(Path(rest).expanduser(), split)]
         else:

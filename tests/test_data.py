@@ -323,21 +323,47 @@ def test_torchvision_omniglot_keeps_alphabets_as_hierarchy(tmp_path):
     assert episode.support_images.shape[1:] == (3, 16, 16)
 
 
-def test_torchvision_cifar100_layout_is_read_without_download(tmp_path):
+@pytest.mark.parametrize("name", ["cifar100", "CIFAR100", "Cifar100"])
+def test_torchvision_cifar100_layout_is_read_without_download(tmp_path, name):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name, n in (("train", 60), ("test", 20)):
-        with open(folder / name, "wb") as f:
+    for part, n in (("train", 60), ("test", 20)):
+        with open(folder / part, "wb") as f:
             pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
                          "fine_labels": [i % 10 for i in range(n)]}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(10)]}, f)
 
-    (source,) = readers.parse_data_spec(f"torchvision:cifar100:{tmp_path}", image_size=16)
+    (source,) = readers.parse_data_spec(f"torchvision:{name}:{tmp_path}", image_size=16)
 
-    assert source.split == "ood" and source.class_sizes("test") == [8] * 10
+    assert source.name == "cifar100" and source.split == "ood" and source.class_sizes("test") == [8] * 10
     assert source.load("test", 0, [0, 1], 16).shape == (2, 3, 18, 18)  # 16 / (224 / 256) -> 18
+
+
+def test_torchvision_datasets_are_named_by_key_or_class_name_in_any_case():
+    assert readers.torchvision_name("FGVCAircraft") == readers.torchvision_name("fgvc_aircraft") == "fgvc_aircraft"
+    assert readers.torchvision_name("flowers102") == readers.torchvision_name("FLOWERS102") == "flowers102"
+
+
+def test_a_missing_torchvision_dataset_is_downloaded_only_when_the_source_asks(tmp_path, monkeypatch):
+    attempts = []
+
+    def part(cls, root, arguments, local):
+        attempts.append("local" if local else "download")
+        if local:
+            raise RuntimeError("Dataset not found")
+        return object(), [0, 1, 2, 3, 4, 5] * 2, None
+
+    monkeypatch.setattr(readers, "_torchvision_part", part)
+
+    with pytest.raises(data.DataError, match=f"add :download=1 to download it: torchvision:gtsrb:{tmp_path}:download=1"):
+        readers.parse_data_spec(f"torchvision:GTSRB:{tmp_path}", image_size=16)
+    assert attempts == ["local"]
+
+    (source,) = readers.parse_data_spec(f"torchvision:GTSRB:{tmp_path}:download=1@ood", image_size=16)
+
+    assert attempts == ["local", "local", "download"] and source.name == "gtsrb" and source.split == "ood"
 
 
 def write_pmf_h5(directory, n_classes=(6, 2, 5), images=7):
