@@ -563,6 +563,86 @@ def plot_mask_overlap(results: dict, path: Path) -> None:
     _heatmap(overlap, labels, labels, "mask overlap |a∧b| / |a∨b|", path)
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped), or an EvaluateError line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluateError(f"cannot read {path} ({type(error).__name__}); --curves needs a run directory "
+                            f"made by train.py") from None
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("episode"), (int, float)):
+            records.append(record)
+    if not records:
+        raise EvaluateError(f"{path} holds no training records yet; draw the curves once the run has logged")
+    return records
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "", target: float | None = None) -> None:
+    """Training curves of metrics.jsonl against episodes, one panel each: loss and ce; accuracy against
+    the frozen backbone's (pretrained_accuracy) on the same tasks; sparsity per expert; mean λ;
+    router entropy; validation accuracy. A panel whose fields the run did not log (PMF) says so.
+    `target`: the sparsity target τ, drawn as a dotted line."""
+    plt = pyplot()
+    train = [r for r in records if "loss" in r]
+    figure, grid = plt.subplots(2, 3, figsize=(13, 6.5))
+    panels = [("loss", ("loss", "ce")), ("query accuracy", ("accuracy", "pretrained_accuracy")),
+              ("sparsity per expert", ("sparsity",)), ("mean λ (multiplier_mean)", ("multiplier_mean",)),
+              ("router entropy (nats)", ("router_entropy",)), ("validation accuracy %", ("val_accuracy",))]
+    for axes, (name, fields) in zip(grid.flat, panels):
+        drawn = False
+        for field in fields:
+            rows = [r for r in (train if field != "val_accuracy" else records) if field in r]
+            if not rows:
+                continue
+            x = [r["episode"] for r in rows]
+            if field == "sparsity":  # one line per expert
+                for m in range(len(rows[0][field])):
+                    axes.plot(x, [r[field][m] for r in rows], linewidth=1, label=f"expert {m}")
+                if target is not None:
+                    axes.axhline(target, color="black", linestyle=":", linewidth=1, label="τ")
+            else:
+                axes.plot(x, [r[field] for r in rows], marker="o" if field == "val_accuracy" else None,
+                          markersize=3, linewidth=1.2, label=field)
+            drawn = True
+        if not drawn:
+            axes.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=axes.transAxes)
+        elif field != "sparsity" or len(rows[0][field]) <= 8:
+            axes.legend(fontsize=7)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel("training episodes", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.grid(alpha=0.3)
+    figure.suptitle(title or "training curves (metrics.jsonl)", fontsize=10)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def draw_curves(run_dirs: list[Path], out: Path | None) -> list[Path]:
+    """training_curves.png of every run, in the run directory or OUT/<run name>/; checks every run first."""
+    pyplot()
+    if out is not None:
+        rundir.check_target_directory(out, "--out")
+    records = [read_metrics(r) for r in run_dirs]
+    targets = [Path(r) if out is None else Path(out) / Path(r).name for r in run_dirs]
+    for target in targets:
+        rundir.check_run_files(target, ("training_curves.png",))
+    for run_dir, target, record in zip(run_dirs, targets, records):
+        try:
+            tau = float(json.loads((Path(run_dir) / "config.json").read_text())["sparsity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            tau = None  # the line is a guide only: the curves need metrics.jsonl alone
+        target.mkdir(parents=True, exist_ok=True)
+        plot_curves(record, target / "training_curves.png", f"{Path(run_dir).name}: training curves (metrics.jsonl)", tau)
+    return [t / "training_curves.png" for t in targets]
+
+
 def split_average(results: dict, split: str) -> tuple[float, float] | None:
     """(mean, 95% CI half-width) of the split's average accuracy: episode i's accuracy averaged over
     the split's domains, then the CI over episodes. None when the split has no domain."""
@@ -623,12 +703,19 @@ def main(
     compare_stored: Annotated[bool, typer.Option(
         "--compare", help="the arguments are results files: print their table and paired differences "
                           "against the first, computing nothing")] = False,
+    curves: Annotated[bool, typer.Option(
+        "--curves", help="draw each run's metrics.jsonl (loss, accuracy vs Pre, sparsity per expert, λ, router "
+                         "entropy, validation accuracy) into training_curves.png, evaluating nothing")] = False,
 ) -> None:
     """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<data>-seed<S>-<N>ep.json
     and .md into each run (or OUT/<run name>/), never replacing another evaluation's file."""
     try:
         if compare_stored:
             compare_files(run_dirs)
+            return
+        if curves:
+            for path in draw_curves(run_dirs, out):
+                Console().print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
             return
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 cost, device, out)

@@ -415,7 +415,9 @@ def validate_and_keep_best(run: Run, id_sources: list, device) -> float:
 
 
 class Monitor:
-    """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means)."""
+    """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
+    When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
+    plain line per log step and per validation instead (`plain_line`)."""
 
     COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -424,7 +426,8 @@ class Monitor:
         self.run, self.file = run, run.out_dir / "metrics.jsonl"
         self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
         self.started, self.start_episode = time.perf_counter(), run.episodes_done
-        self.bar = Progress(*self.COLUMNS, console=console, disable=not main)
+        self.console, self.plain = console, main and not console.is_terminal
+        self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
 
     def __enter__(self) -> "Monitor":
         self.bar.__enter__()
@@ -445,10 +448,20 @@ class Monitor:
         record = log_record(run, batch, rate)
         self._append(record)
         self.bar.update(self.task, completed=run.episodes_done, stats=short_stats(record))
+        if self.plain:
+            self._print(plain_line(run, record))
 
     def validated(self, val: float) -> None:
         self._append({"episode": self.run.episodes_done, "val_accuracy": val})
         self.bar.update(self.task, description=f"{self.run.cfg.method} (val {val:.1f}%)")
+        if self.plain:
+            total = self.run.total_steps * self.run.cfg.meta_batch
+            self._print(f"{self.run.cfg.method} episode {self.run.episodes_done}/{total} validation accuracy {val:.2f}%")
+
+    def _print(self, line: str) -> None:
+        """One whole line, never wrapped or styled (a log file reads it as written)."""
+        text = rundir.to_ascii if self.console.options.ascii_only else str  # PYTHONIOENCODING=ascii: no λ, ±
+        self.console.print(text(line), markup=False, highlight=False, soft_wrap=True, emoji=False)
 
     def _append(self, record: dict) -> None:
         with open(self.file, "a") as f:
@@ -472,6 +485,16 @@ def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
         }
     record["episodes_per_second"] = round(rate, 2)
     return record
+
+
+def plain_line(run: Run, record: dict) -> str:
+    """One log step as a plain line: "smat episode 120/800 (15%) ETA 0:01:30 loss 1.2 ce 1.1 acc ..."."""
+    total, rate = run.total_steps * run.cfg.meta_batch, record["episodes_per_second"]
+    text = f"{run.cfg.method} episode {record['episode']}/{total} ({100 * record['episode'] / max(total, 1):.0f}%)"
+    if rate > 0:
+        left = round((total - record["episode"]) / rate)
+        text += f" ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return text + f" loss {record['loss']:.4f} ce {record['ce']:.4f} " + short_stats(record)
 
 
 def short_stats(r: dict) -> str:

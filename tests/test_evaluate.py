@@ -543,3 +543,26 @@ def test_compare_refuses_a_file_that_is_not_results_in_one_line(runs, content, m
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1
 
+
+# --- training curves ------------------------------------------------------------------------------------
+
+
+def test_curves_draws_metrics_jsonl_into_the_run_without_evaluating(runs, monkeypatch):
+    records = [{"step": k, "episode": 4 * k, "loss": 1.5 / k, "ce": 1.4 / k, "accuracy": 0.5 + k / 20,
+                "pretrained_accuracy": 0.5, "sparsity": [0.1 * k, 0.08 * k], "multiplier_mean": 0.01 * k,
+                "router_entropy": 0.69} for k in range(1, 5)] + [{"episode": 16, "val_accuracy": 61.0}]
+    (runs / "smat-run" / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"cut sho')
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("--curves evaluated a model"))
+
+    result = CliRunner().invoke(evaluate.app, ["--curves", str(runs / "smat-run"), "--out", str(runs / "pictures")])
+
+    assert result.exit_code == 0, result.output
+    assert (runs / "pictures" / "smat-run" / "training_curves.png").stat().st_size > 10_000
+    assert not (runs / "smat-run" / "training_curves.png").exists()
+
+
+def test_curves_of_a_run_without_metrics_is_one_line(runs):
+    result = CliRunner().invoke(evaluate.app, ["--curves", str(runs / "pmf-run")])
+
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "metrics.jsonl" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -172,3 +172,20 @@ def test_a_malformed_flag_value_is_one_line_and_exit_code_2_from_the_shell():
 
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--experts" in result.stderr and not result.stdout
+
+
+def test_a_run_whose_output_is_not_a_terminal_prints_one_plain_line_per_log_step_and_validation(assets, tmp_path):
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--experts", "2", "--no-evaluate",
+                                            "--out", str(tmp_path / "run"), "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in result.stdout.splitlines() if " loss " in line]
+    validations = [line for line in result.stdout.splitlines() if "validation accuracy" in line]
+    assert len(steps) == sum("loss" in r for r in logged) >= 1
+    assert len(validations) == sum("val_accuracy" in r for r in logged) >= 1
+    last = steps[-1]
+    assert last.startswith("smat episode 4/4 (100%)") and " ETA 0:00:00 " in last
+    assert all(word in last for word in (" ce ", " acc ", " sparsity ", " λ ", " ep/s"))
+    assert "━" not in result.stdout  # no frame of a progress bar
