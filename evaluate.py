@@ -131,7 +131,8 @@ def evaluate_model(
     if search is not None:
         results["finetune_lr_search"] = search
     if gates is not None:
-        results["experts"] = {"kept_fraction": kept_fraction(model), "overlap": mask_overlap(model).tolist()}
+        results["experts"] = {"kept_fraction": kept_fraction(model), "overlap": mask_overlap(model).tolist(),
+                              "parameters": dict(zip(model.layout.names, model.layout.numels))}
         results["sparsity"] = sparsity_report(gates, density, model.cfg.sparsity)
     return results
 
@@ -531,15 +532,64 @@ def _save(figure, path: Path) -> None:
         pyplot().close(figure)
 
 
-def _heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path) -> None:
+def _heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path,
+             xlabel: str = "", ylabel: str = "") -> None:
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(1.2 + 0.5 * len(columns), 1.0 + 0.22 * len(rows)))
     image = axes.imshow(matrix, aspect="auto", cmap="viridis")
     axes.set_xticks(range(len(columns)), columns, fontsize=7)
     axes.set_yticks(range(len(rows)), rows, fontsize=7)
+    axes.set_xlabel(xlabel, fontsize=8)
+    axes.set_ylabel(ylabel, fontsize=8)
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes)
     _save(figure, path)
+
+
+def _annotate(axes, matrix, fmt: str = "{:.2f}", fontsize: int = 6) -> None:
+    """Each finite cell's value written on it, dark on light cells and light on dark ones."""
+    values = torch.as_tensor(matrix, dtype=torch.float64)
+    finite = values[values.isfinite()]
+    middle = (finite.min() + finite.max()).item() / 2 if finite.numel() else 0.0
+    for i, row in enumerate(values.tolist()):
+        for j, value in enumerate(row):
+            if math.isfinite(value):
+                axes.text(j, i, fmt.format(value), ha="center", va="center", fontsize=fontsize,
+                          color="black" if value > middle else "white")
+
+
+MODULE_TYPES = ("embed", "qkv", "proj", "fc1", "fc2", "norms", "other")
+
+
+def module_of(name: str) -> tuple[str, str]:
+    """(block, module type) of a backbone tensor named as DINO/timm name them: "blocks.3.attn.qkv.weight"
+    -> ("block 3", "qkv"); patch, position and class embeddings -> ("embeddings", "embed"); the final
+    norm -> ("final norm", "norms")."""
+    parts = name.split(".")
+    if parts[0] in ("cls_token", "pos_embed", "patch_embed", "reg_token", "dist_token"):
+        return "embeddings", "embed"
+    block = f"block {parts[1]}" if parts[0] == "blocks" and len(parts) > 2 else ("final norm" if "norm" in parts[0] else "other")
+    kind = next((k for k in ("qkv", "proj", "fc1", "fc2") if k in parts[2:]), None)
+    return block, kind or ("norms" if any("norm" in p for p in parts) else "other")
+
+
+def kept_by_module(results: dict) -> tuple[list[str], list[str], Tensor]:
+    """(blocks, module types, experts × blocks × types kept fraction) from results["experts"]: the
+    tensors of each (block, type) pooled, each weighted by its parameter count (equal weights for a
+    results file without "parameters"); NaN where a block has no tensor of that type."""
+    kept, counts = results["experts"]["kept_fraction"], results["experts"].get("parameters") or {}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in kept:
+        groups.setdefault(module_of(name), []).append(name)
+    blocks = list(dict.fromkeys(block for block, _ in groups))
+    types = [t for t in MODULE_TYPES if any(kind == t for _, kind in groups)]
+    n_experts = len(next(iter(kept.values())))
+    table = torch.full((n_experts, len(blocks), len(types)), float("nan"), dtype=torch.float64)
+    for (block, kind), names in groups.items():
+        weights = torch.tensor([float(counts.get(n, 1)) for n in names], dtype=torch.float64)
+        fractions = torch.tensor([kept[n] for n in names], dtype=torch.float64)  # tensors × experts
+        table[:, blocks.index(block), types.index(kind)] = (weights[:, None] * fractions).sum(0) / weights.sum()
+    return blocks, types, table
 
 
 def plot_router_weights(results: dict, path: Path) -> None:
@@ -547,20 +597,56 @@ def plot_router_weights(results: dict, path: Path) -> None:
     names = list(results["domains"])
     matrix = [results["domains"][d]["router_weights"] for d in names]
     labels = [f"{d} ({results['domains'][d]['split']})" for d in names]
-    _heatmap(matrix, labels, [str(m) for m in range(len(matrix[0]))], "router weight per domain", path)
+    _heatmap(matrix, labels, [str(m) for m in range(len(matrix[0]))], "router weight per domain", path,
+             xlabel="expert", ylabel="domain (split)")
 
 
 def plot_kept_fraction(results: dict, path: Path) -> None:
-    """Heatmap backbone tensors × experts of the fraction each expert's mask keeps."""
-    kept = results["experts"]["kept_fraction"]
-    columns = [str(m) for m in range(len(next(iter(kept.values()))))]
-    _heatmap(list(kept.values()), list(kept), columns, "kept fraction (z > 0) per tensor", path)
+    """Per expert, a heatmap blocks × module types (qkv, proj, fc1, fc2, norms, embeddings) of the
+    fraction of parameters its test mask keeps, pooled by parameter count (`kept_by_module`), annotated."""
+    plt = pyplot()
+    blocks, types, table = kept_by_module(results)
+    n = table.shape[0]
+    columns = min(n, 4)
+    rows = math.ceil(n / columns)
+    figure, grid = plt.subplots(rows, columns, squeeze=False, sharey=True, layout="constrained",
+                                figsize=(0.9 + 0.55 * len(types) * columns, 0.8 + (0.28 * len(blocks) + 0.6) * rows))
+    for m, axes in enumerate(grid.flat):
+        if m >= n:
+            axes.axis("off")
+            continue
+        image = axes.imshow(table[m].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        _annotate(axes, table[m].tolist(), fontsize=5 if len(blocks) > 8 else 7)
+        axes.set_xticks(range(len(types)), types, fontsize=7)
+        axes.set_yticks(range(len(blocks)), blocks, fontsize=7)
+        axes.set_title(f"expert {m}", fontsize=8)
+        axes.set_xlabel("module type", fontsize=7)
+        if m % columns == 0:
+            axes.set_ylabel("block", fontsize=7)
+    figure.colorbar(image, ax=grid.ravel().tolist(), label="kept fraction (z > 0), by parameter count")
+    figure.suptitle("fraction of parameters each expert's mask keeps", fontsize=9)
+    _save(figure, path)
 
 
 def plot_mask_overlap(results: dict, path: Path) -> None:
-    overlap = results["experts"]["overlap"]
-    labels = [str(m) for m in range(len(overlap))]
-    _heatmap(overlap, labels, labels, "mask overlap |a∧b| / |a∨b|", path)
+    """Experts × experts Jaccard overlap of the test masks, the diagonal (always 1) left blank so that
+    the colour scale spans the off-diagonal values, each written on its cell."""
+    plt = pyplot()
+    overlap = torch.tensor(results["experts"]["overlap"], dtype=torch.float64)
+    overlap.fill_diagonal_(float("nan"))
+    n = overlap.shape[0]
+    figure, axes = plt.subplots(figsize=(1.6 + 0.55 * n, 1.0 + 0.5 * n))
+    colours = plt.get_cmap("viridis").with_extremes(bad="white")
+    image = axes.imshow(overlap.numpy(), cmap=colours)
+    _annotate(axes, overlap.tolist(), fontsize=7 if n <= 8 else 5)
+    labels = [str(m) for m in range(n)]
+    axes.set_xticks(range(n), labels, fontsize=7)
+    axes.set_yticks(range(n), labels, fontsize=7)
+    axes.set_xlabel("expert", fontsize=8)
+    axes.set_ylabel("expert", fontsize=8)
+    axes.set_title("mask overlap |a∧b| / |a∨b| (diagonal = 1, left blank)", fontsize=9)
+    figure.colorbar(image, ax=axes, label="Jaccard overlap")
+    _save(figure, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

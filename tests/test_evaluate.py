@@ -566,3 +566,30 @@ def test_curves_of_a_run_without_metrics_is_one_line(runs):
 
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "metrics.jsonl" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# --- pictures researchers read ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, where", [
+    ("blocks.3.attn.qkv.weight", ("block 3", "qkv")), ("blocks.3.attn.proj.bias", ("block 3", "proj")),
+    ("blocks.11.mlp.fc1.weight", ("block 11", "fc1")), ("blocks.0.mlp.fc2.bias", ("block 0", "fc2")),
+    ("blocks.0.norm2.weight", ("block 0", "norms")), ("patch_embed.proj.weight", ("embeddings", "embed")),
+    ("cls_token", ("embeddings", "embed")), ("pos_embed", ("embeddings", "embed")), ("norm.bias", ("final norm", "norms")),
+])
+def test_each_backbone_tensor_belongs_to_a_block_and_a_module_type(name, where):
+    assert evaluate.module_of(name) == where
+
+
+def test_kept_fraction_is_pooled_by_block_and_module_type_weighted_by_parameter_count():
+    results = {"experts": {
+        "kept_fraction": {"blocks.0.attn.qkv.weight": [1.0, 0.0], "blocks.0.attn.qkv.bias": [0.0, 1.0],
+                          "blocks.0.norm1.weight": [0.5, 0.5], "norm.weight": [1.0, 1.0]},
+        "parameters": {"blocks.0.attn.qkv.weight": 3, "blocks.0.attn.qkv.bias": 1, "blocks.0.norm1.weight": 2,
+                       "norm.weight": 2}}}
+
+    blocks, types, table = evaluate.kept_by_module(results)
+
+    assert blocks == ["block 0", "final norm"] and types == ["qkv", "norms"]
+    assert table[:, 0, 0].tolist() == [0.75, 0.25] and table[:, 0, 1].tolist() == [0.5, 0.5]
+    assert table[:, 1, 1].tolist() == [1.0, 1.0] and table[:, 1, 0].isnan().all()
