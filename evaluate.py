@@ -409,15 +409,19 @@ def provenance(device: str | torch.device) -> dict:
 
 
 def results_name(results: dict) -> str:
-    """The file stem of an evaluation, named by what it measured: results-<mode>-<data>-seed<S>-<N>ep,
-    where <data> is a short slug of the data string (its end, where paths differ) and a short hash of
-    all of it, e.g. results-zeroshot-folder-tmp-glyphs-ood-3f2a1c-seed0-600ep."""
+    """The file stem of an evaluation, named by what it measured:
+    results-<mode>-<protocol>-<data>-seed<S>-<N>ep, where <protocol> is "var" (variable way/shot) or
+    e.g. 5w1s15q, and <data> a short slug of the data string (its end, where paths differ) plus a
+    short hash of all of it, e.g. results-zeroshot-5w5s15q-folder-tmp-glyphs-ood-3f2a1c-seed0-600ep."""
     data_spec = str(results.get("data", ""))
     slug = re.sub(r"[^a-z0-9]+", "-", data_spec.lower()).strip("-")[-24:].strip("-") or "data"
     digest = hashlib.sha256(data_spec.encode()).hexdigest()[:6]
     mode = "zeroshot" if results["finetune"] == "none" else results["finetune"]
+    protocol = results.get("protocol") or {"kind": "variable"}
+    shape = ("var" if protocol["kind"] == "variable"
+             else f"{protocol['ways']}w{protocol['shots']}s{protocol['queries']}q")
     episodes = next(iter(results["domains"].values()))["episodes"] if results["domains"] else 0
-    return f"results-{mode}-{slug}-{digest}-seed{results['seed']}-{episodes}ep"
+    return f"results-{mode}-{shape}-{slug}-{digest}-seed{results['seed']}-{episodes}ep"
 
 
 def free_name(directory: Path, stem: str) -> str:
@@ -775,7 +779,8 @@ USER_ERRORS = rundir.USER_ERRORS + (EvaluateError, FinetuneError)  # bad input: 
 @app.command(cls=rundir.OneLineCommand)
 def main(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories made by train.py")],
-    episodes: Annotated[Optional[int], typer.Option(help="test episodes per domain (default: the run's, 600)")] = None,
+    episodes: Annotated[Optional[int], typer.Option(
+        "--test-episodes", "--episodes", help="test episodes per domain (default: the run's, 600)")] = None,
     seed: Annotated[int, typer.Option(help="episode seed; the same seed gives every run the same episodes")] = 0,
     data_spec: Annotated[Optional[str], typer.Option("--data", help="test data (default: the run's --data)")] = None,
     finetune: Annotated[FinetuneMode, typer.Option(help="none (zero-shot), full or lora")] = "none",
@@ -786,6 +791,9 @@ def main(
     cost: Annotated[bool, typer.Option("--cost/--no-cost", help="time zero-shot SMAT against ProtoNet")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="write OUT/<run name>/results-*.json instead of into each run")] = None,
+    ways: Annotated[Optional[int], typer.Option(min=2, help="fixed N-way test episodes (default: the run's protocol)")] = None,
+    shots: Annotated[Optional[int], typer.Option(min=1, help="fixed K-shot test episodes (default: the run's)")] = None,
+    queries: Annotated[Optional[int], typer.Option(min=1, help="queries per class, fixed protocol (default: the run's)")] = None,
     compare_stored: Annotated[bool, typer.Option(
         "--compare", help="the arguments are results files: print their table and paired differences "
                           "against the first, computing nothing")] = False,
@@ -793,7 +801,7 @@ def main(
         "--curves", help="draw each run's metrics.jsonl (loss, accuracy vs Pre, sparsity per expert, λ, router "
                          "entropy, validation accuracy) into training_curves.png, evaluating nothing")] = False,
 ) -> None:
-    """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<data>-seed<S>-<N>ep.json
+    """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<protocol>-<data>-seed<S>-<N>ep.json
     and .md into each run (or OUT/<run name>/), never replacing another evaluation's file."""
     try:
         if compare_stored:
@@ -803,8 +811,9 @@ def main(
             for path in draw_curves(run_dirs, out):
                 Console().print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
             return
+        fixed = {k: v for k, v in (("test_ways", ways), ("test_shots", shots), ("test_queries", queries)) if v}
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
-                cost, device, out)
+                cost, device, out, {"test_protocol": "fixed", **fixed} if fixed else {})
     except USER_ERRORS as error:
         rundir.fail(str(error))
     except KeyboardInterrupt:
@@ -871,7 +880,7 @@ def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune:
 
 
 def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot, cost,
-            device, out: Path | None = None) -> None:
+            device, out: Path | None = None, protocol: dict | None = None) -> None:
     """Check every flag and load and check every run, evaluate every run, write every file, then print:
     bad input fails before any work, an error anywhere leaves nothing written, and a closed or full
     stdout (printing comes last) never costs the results. Directories written into are claimed
@@ -883,6 +892,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         # Every run on the first run's protocol, so all of them see the same episodes.
         cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS},
                       data=data_spec or cfg.data)  # cfg.data: the data tested, recorded in the results
+        cfg = replace(cfg, **(protocol or {}))  # --ways/--shots/--queries: a fixed protocol, checked by Config
         key = (cfg.data, cfg.image_size)
         if key not in sources_for:
             sources_for[key] = readers.parse_data_spec(key[0], cfg.image_size, seed=0)

@@ -563,6 +563,10 @@ def main(
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", help="JSON or TOML file of Config fields (a run's config.json works); under --set and the flags")] = None,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=VALUE for any Config field, e.g. --set inner_lr=0.01 (repeatable); under the named flags")] = None,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
@@ -574,6 +578,7 @@ def main(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         check_flags(resume, out, profile, kl_to_pretrained, kl_pretrained)
+        overrides = config_overrides(config_file, settings or []) | overrides
         cfg = make_config(profile or "cpu", overrides, resume)
         if not check_shapes:
             import jaxtyping
@@ -602,6 +607,47 @@ def check_flags(resume: Path | None, out: Path | None, profile: str | None, kl_t
         raise RunError("--resume keeps the run's configuration; drop --profile")
     if None not in (kl_to_pretrained, kl_pretrained) and kl_to_pretrained != kl_pretrained:
         raise RunError("--kl-to-pretrained and --kl-pretrained (its old spelling) disagree; pass one of them")
+
+
+def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
+    """Config fields from --config FILE (JSON, or TOML by its .toml suffix) and then --set KEY=VALUE
+    (each value converted by its field's type), checked as config.json is (rundir.check_fields:
+    unknown keys, types, choices); Config itself checks the ranges. A problem is one RunError line."""
+    values: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            text = path.read_text()
+            if path.suffix.lower() == ".toml":
+                import tomllib
+
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise RunError(f"--config {path}: not a readable {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
+                           f"file of Config fields ({rundir.reason(error)})") from None
+        rundir.check_fields(Config, values, f"--config {path}", complete=False)
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for setting in settings:
+        key, equals, raw = (part.strip() for part in setting.partition("="))
+        if not equals or not key:
+            raise RunError(f"--set {setting!r}: use KEY=VALUE with a Config field as KEY, e.g. --set inner_lr=0.01")
+        if key not in fields:
+            raise RunError(f"--set {key}: unknown Config field; valid keys are the fields of smat.Config "
+                           f"(e.g. {', '.join(list(fields)[:6])} ...)")
+        kind = fields[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value: object = raw.lower() in ("true", "1", "yes")
+            else:
+                value = int(raw) if kind is int else float(raw) if kind is float else raw
+        except ValueError:
+            raise RunError(f"--set {key}={raw}: not a valid {getattr(kind, '__name__', kind)}") from None
+        values[key] = rundir.check_fields(Config, {key: value}, "--set", complete=False)[key]
+    return values
 
 
 def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:

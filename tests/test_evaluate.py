@@ -490,12 +490,13 @@ def test_each_evaluation_writes_its_own_named_file_and_never_replaces_another(ru
         assert CliRunner().invoke(evaluate.app, args + extra).exit_code == 0
 
     names = sorted(p.name for p in run.glob("results*"))
+    shape = evaluate.results_name(json.loads(next(run.glob("results-*.json")).read_text())).split("-")[2]
     digest = evaluate.results_name({"data": "embedded", "finetune": "none", "seed": 0,
-                                    "domains": {"d": {"episodes": 2}}}).split("-")[3]
-    first = f"results-zeroshot-embedded-{digest}-seed0-2ep"
+                                    "domains": {"d": {"episodes": 2}}}).split("-")[4]
+    first = f"results-zeroshot-{shape}-embedded-{digest}-seed0-2ep"
     assert names == sorted(["results.json", f"{first}.json", f"{first}.md", f"{first}-2.json", f"{first}-2.md",
-                            f"results-zeroshot-embedded-{digest}-seed0-3ep.json",
-                            f"results-zeroshot-embedded-{digest}-seed0-3ep.md"])
+                            f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep.json",
+                            f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep.md"])
     assert json.loads((run / "results.json").read_text()) == {"written by": "train.py"}
 
 
@@ -511,11 +512,12 @@ def test_results_files_record_code_torch_python_device_and_data(runs):
 
 
 def test_a_data_string_becomes_a_short_safe_name_that_tells_strings_apart():
-    name = {"finetune": "full", "seed": 3, "domains": {"d": {"episodes": 600}}}
+    name = {"finetune": "full", "seed": 3, "domains": {"d": {"episodes": 600}},
+            "protocol": {"kind": "fixed", "ways": 5, "shots": 1, "queries": 15}}
     a = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
     b = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
 
-    assert a != b and a.startswith("results-full-") and a.endswith("-seed3-600ep")
+    assert a != b and a.startswith("results-full-5w1s15q-") and a.endswith("-seed3-600ep")
     assert re.fullmatch(r"[a-z0-9-]+", a) and len(a) < 80
 
 
@@ -593,3 +595,22 @@ def test_kept_fraction_is_pooled_by_block_and_module_type_weighted_by_parameter_
     assert blocks == ["block 0", "final norm"] and types == ["qkv", "norms"]
     assert table[:, 0, 0].tolist() == [0.75, 0.25] and table[:, 0, 1].tolist() == [0.5, 0.5]
     assert table[:, 1, 1].tolist() == [1.0, 1.0] and table[:, 1, 0].isnan().all()
+
+
+def test_ways_shots_queries_give_a_fixed_protocol_named_in_the_file_and_test_episodes_is_the_flag(runs):
+    result = CliRunner().invoke(evaluate.app, [str(runs / "smat-run"), "--device", "cpu", "--no-baselines",
+                                               "--ways", "2", "--shots", "1", "--queries", "2", "--test-episodes", "3"])
+
+    assert result.exit_code == 0, result.output
+    (written,) = (runs / "smat-run").glob("results-*.json")
+    results = json.loads(written.read_text())
+    assert results["protocol"] == {"kind": "fixed", "ways": 2, "shots": 1, "queries": 2}
+    assert "-2w1s2q-" in written.name and written.name.endswith("-seed0-3ep.json")
+    assert all(d["episodes"] == 3 for d in results["domains"].values())
+
+
+def test_evaluate_help_lists_the_new_flags():
+    text = CliRunner().invoke(evaluate.app, ["--help"], env={"COLUMNS": "200"}).output
+
+    assert all(flag in text for flag in ("--test-episodes", "--episodes", "--ways", "--shots", "--queries",
+                                         "--compare", "--curves"))

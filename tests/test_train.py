@@ -189,3 +189,63 @@ def test_a_run_whose_output_is_not_a_terminal_prints_one_plain_line_per_log_step
     assert last.startswith("smat episode 4/4 (100%)") and " ETA 0:00:00 " in last
     assert all(word in last for word in (" ce ", " acc ", " sparsity ", " λ ", " ep/s"))
     assert "━" not in result.stdout  # no frame of a progress bar
+
+
+# --- --config FILE and --set KEY=VALUE ---------------------------------------------------------------------
+
+
+def test_a_runs_config_json_given_to_config_gives_back_the_same_config(tmp_path):
+    cfg = Config(n_experts=3, inner_lr=0.02, teacher=False, test_protocol="variable", data="embedded@ood")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+
+    assert train.make_config("cpu", train.config_overrides(tmp_path / "config.json", []), None) == cfg
+
+
+def test_set_values_are_converted_by_field_type_and_win_over_the_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text('n_experts = 3\ninner_lr = 0.02\nmethod = "smat"\n')
+
+    values = train.config_overrides(tmp_path / "c.toml", ["inner_lr=0.5", "teacher=false", "test_ways=10"])
+
+    assert values == {"n_experts": 3, "inner_lr": 0.5, "method": "smat", "teacher": False, "test_ways": 10}
+
+
+def test_config_and_set_reach_the_run_and_named_flags_win(assets, tmp_path):
+    (tmp_path / "c.toml").write_text("n_experts = 3\ninner_lr = 0.02\nval_every = 4\n")
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--no-evaluate", "--out", str(tmp_path / "run"),
+                                            "--device", "cpu", "--config", str(tmp_path / "c.toml"),
+                                            "--set", "inner_lr=0.03", "--set", "n_experts=4", "--experts", "2"])
+
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["n_experts"], saved["inner_lr"], saved["val_every"]) == (2, 0.03, 4)
+
+
+@pytest.mark.parametrize("flags, files, words", [
+    (["--set", "no_such_field=1"], {}, "--set no_such_field: unknown Config field"),
+    (["--set", "inner_lr"], {}, "use KEY=VALUE"),
+    (["--set", "n_experts=two"], {}, "--set n_experts=two: not a valid int"),
+    (["--set", "method=maml"], {}, "method = \"maml\" is not valid; it must be one of smat, pmf"),
+    (["--set", "sparsity=1.5"], {}, "sparsity"),
+    (["--config", "c.toml"], {"c.toml": "n_experts = "}, "not a readable TOML file"),
+    (["--config", "c.json"], {"c.json": '{"n_experts": 3, "colour": "red"}'}, "unknown keys ['colour']"),
+    (["--config", "c.json"], {"c.json": '{"n_experts": "3"}'}, 'n_experts = "3" is not valid'),
+    (["--config", "missing.json"], {}, "not a readable JSON file"),
+])
+def test_bad_config_files_and_settings_are_one_line_and_nothing_is_written(flags, files, words, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    flags = [str(tmp_path / f) if f.endswith((".json", ".toml")) else f for f in flags]
+
+    result = CliRunner().invoke(train.app, [*flags, "--out", str(tmp_path / "never")])
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+    assert not (tmp_path / "never").exists()
+
+
+def test_train_help_lists_config_and_set():
+    text = CliRunner().invoke(train.app, ["--help"], env={"COLUMNS": "200"}).output
+
+    assert "--config" in text and "--set" in text
