@@ -21,7 +21,7 @@ import evaluate  # noqa: E402  (the repository root is on the path only now)
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
 SWEEP = (0.5, 0.7, 0.9, 0.95)
-GLYPH_RESULTS = "results-zeroshot-*.json"  # evaluate.py --out runs/results/glyphs names its file by what it measured
+GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
 
 
 def load(path: Path) -> dict:
@@ -110,6 +110,50 @@ def sweep(root: Path, episodes: int, plot: Path | None, references: dict[str, di
                                f"glyphs: all of their episodes; seed-averaged per episode.\n")
 
 
+def update_norm(run: Path, results: dict) -> float:
+    """‖θ_i − θ_pre‖ of the task model, for the router weights averaged over each test domain's
+    episodes, mean over domains (PMF: ‖δ‖, every task's update): how far the tested model moves."""
+    state = evaluate.torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"]
+    if "log_alpha" not in state:
+        return state["delta"].norm().item()
+    gates = evaluate.smat.eval_gates(state["log_alpha"])
+    norms = [((evaluate.torch.tensor(d["router_weights"]) @ gates) * state["delta"]).norm().item()
+             for d in results["domains"].values()]
+    return statistics.fmean(norms)
+
+
+def ablations(root: Path, episodes: int, families: dict[str, str], reference: str) -> str:
+    """Each run family against `reference` on the same episodes (embedded: the first `episodes`;
+    real glyphs: all), seed means and paired differences, and how far its task model moves."""
+    rows = ["| run | seeds | ID avg | OOD avg | real glyphs avg | Δ ID vs SMAT | Δ OOD vs SMAT | Δ glyphs vs SMAT | "
+            "‖θ_i − θ_pre‖ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = evaluate.average_runs([first(r, episodes) for r in seeds_of(root, reference).values()])
+    base_glyphs = seeds_of(root / "glyphs", reference, GLYPH_RESULTS)
+    for label, prefix in families.items():
+        runs = seeds_of(root, prefix)
+        if not runs:
+            continue
+        mean = evaluate.average_runs([first(r, episodes) for r in runs.values()])
+        paired = evaluate.paired_difference(mean, base)
+        glyphs = seeds_of(root / "glyphs", prefix, GLYPH_RESULTS)
+        glyph_cell, glyph_diff = "-", "-"
+        if glyphs and base_glyphs:
+            n = min(len(next(iter(g["domains"].values()))["accuracies"]) for g in [*glyphs.values(), *base_glyphs.values()])
+            glyph_mean = evaluate.average_runs([first(g, n) for g in glyphs.values()])
+            glyph_base = evaluate.average_runs([first(g, n) for g in base_glyphs.values()])
+            glyph_cell = f"{glyph_mean['ood_avg']:.2f}"
+            glyph_diff = _cell(evaluate.paired_difference(glyph_mean, glyph_base)["ood_avg"])
+        norm = statistics.fmean(update_norm(root / f"{prefix}-seed{s}", r) for s, r in runs.items())
+        rows.append(f"| {label} | {len(runs)} | {mean['id_avg']:.2f} | {mean['ood_avg']:.2f} | {glyph_cell} | "
+                    f"{_cell(paired['id_avg'])} | {_cell(paired['ood_avg'])} | {glyph_diff} | {norm:.2f} |")
+    return "\n".join(rows) + (f"\n\nEmbedded: the first {episodes} test episodes per domain; real glyphs: the "
+                              f"episodes all compared runs share; seed means, paired 95% CIs.\n")
+
+
+def _cell(value: dict) -> str:
+    return f"{value['mean']:+.2f} ± {value['ci95']:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, nargs="?", default=Path("runs/results"))
@@ -134,6 +178,10 @@ def main() -> None:
     if glyph_smat and glyph_pmf:
         glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
         print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
+    families = {"SMAT (τ = 0.9)": "smat", "SMAT without the KL to Pre": "smat-nokl",
+                "SMAT without the teacher": "smat-noteacher", "SMAT τ = 0.5": "smat-s0.5",
+                "PMF (δ lr 0.05)": "pmf", "PMF, δ lr 0.02": "pmf-lr0.02"}
+    print("#### Ablations: what keeps SMAT's OOD accuracy\n\n" + ablations(root, args.sweep_episodes, families, "smat"))
 
 
 if __name__ == "__main__":
