@@ -41,7 +41,8 @@ def _dag(first: int, count: int) -> tuple[list[dict], dict[int, str]]:
     names = {first + i: f"n{first + i:08d}" for i in range(count)}
     groups = [list(range(first + s, first + min(s + 6, count))) for s in range(0, count, 6)]
     if len(groups) > 1 and len(groups[-1]) < 5:
-        groups[-2] += groups.pop()
+        last = groups.pop()
+        groups[-1] += last
     inner = [f"g{first:05d}_{k}" for k in range(len(groups))]
     nodes = [{"wn_id": f"root{first:05d}", "children_ids": inner}]
     nodes += [{"wn_id": g, "children_ids": [names[c] for c in group]} for g, group in zip(inner, groups)]

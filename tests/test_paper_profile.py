@@ -74,3 +74,13 @@ def test_the_paper_profile_trains_checkpoints_resumes_and_evaluates(paper_config
     assert set(results["domains"]) == {"ilsvrc_2012", "omniglot", "traffic_sign"}
     assert results["domains"]["traffic_sign"]["split"] == "ood"
     assert all(len(d["accuracies"]) == 2 for d in results["domains"].values())
+
+
+@pytest.mark.parametrize("classes", [5, 6, 11, 12, 40, 43])
+def test_the_synthetic_dag_covers_every_class_with_nodes_of_at_least_five_leaves(classes):
+    nodes, names = synthetic_md._dag(100, classes)
+
+    inner = [node for node in nodes[1:] if node["children_ids"]]
+    assert all(len(node["children_ids"]) >= 5 for node in inner)
+    assert sorted(sum((node["children_ids"] for node in inner), [])) == sorted(names.values())
+    assert set(names) == set(range(100, 100 + classes))
