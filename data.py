@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Float, Int, UInt8, jaxtyped
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns all checks off
 
@@ -339,7 +340,7 @@ def one_intra_op_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-class TrainingEpisodes(torch.utils.data.Dataset):
+class TrainingEpisodes(Dataset):
     """`training_episode` as a map-style dataset: index -> episode, made with one intra-op thread.
 
     A DataError (an unreadable image, say) is returned, not raised: `training_stream` raises it
@@ -370,13 +371,14 @@ def training_stream(sources: Sequence[Source], protocol: Protocol, seed: int, im
     episode per item: every worker runs `prefetch` episodes ahead, so shared memory holds up to
     workers x prefetch episodes (a 400-image Meta-Dataset episode at 128 px is 80 MB of float32);
     `pin_memory` (CUDA) lets `Episode.to(device)` copy asynchronously. Workers are forked where the
-    platform can (the sources are shared copy-on-write, never pickled) and live for this one pass
-    over the indices (persistent workers would only serve a second pass, which training never
-    makes); on leaving the `with` (the end, an error, Ctrl-C) they stop at once. The loader draws its
-    worker seeds from its own generator, not from torch's global one, which the run's model uses.
+    platform can (the sources are shared copy-on-write, never pickled; where it cannot, as on
+    Windows, use workers=0) and live for this one pass over the indices (persistent workers would
+    only serve a second pass, which training never makes); on leaving the `with` (the end, an error,
+    Ctrl-C) they stop at once. The loader draws its worker seeds from its own generator, not from
+    torch's global one, which the run's model uses.
     """
     context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
-    loader = torch.utils.data.DataLoader(
+    loader = DataLoader(
         TrainingEpisodes(sources, protocol, seed, image_size), batch_size=None,
         sampler=range(start, start + count * stride, stride), num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None, multiprocessing_context=context,
