@@ -235,10 +235,11 @@ class Source:
         return f"{type(self).__name__}({self.name!r}, split={self.split!r})"
 
 
-def normalise(images: Float[Tensor, "n 3 height width"]) -> Float[Tensor, "n 3 height width"]:
+def normalise(images: Float[Tensor, "n 3 height width"], in_place: bool = False) -> Float[Tensor, "n 3 height width"]:
+    """(images - mean) / std with ImageNet's statistics; `in_place` overwrites `images` (same bits)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return images.sub_(mean).div_(std) if in_place else (images - mean) / std
 
 
 def _test_transform(images: Tensor, test_crop: float, image_size: int) -> Tensor:
@@ -273,11 +274,15 @@ def _train_transform(images: Tensor, rng: np.random.Generator, crop_scale: tuple
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     brightness, contrast, saturation = (torch.from_numpy(rng.uniform(0.6, 1.4, size=(n, 1, 1, 1)).astype(np.float32))
                                         for _ in range(3))
-    images = (images * brightness).clamp(0, 1)
-    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    images = ((images - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)).clamp(0, 1)
-    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return ((images - gray) * saturation + gray).clamp(0, 1)
+    # In place on grid_sample's fresh output: the same element-wise operations in the same order as
+    # ((x * b).clamp(0, 1) - m) * c + m ..., so the same bits, without a new episode-sized tensor
+    # (and its page faults) per operation.
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    images.mul_(brightness).clamp_(0, 1)
+    mean_gray = (images * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    images.sub_(mean_gray).mul_(contrast).add_(mean_gray).clamp_(0, 1)
+    gray = (images * luma).sum(1, keepdim=True)
+    return images.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 1)
 
 
 def make_episode(source: Source, partition: Partition, plan: EpisodePlan, rng: np.random.Generator,
@@ -296,9 +301,10 @@ def make_episode(source: Source, partition: Partition, plan: EpisodePlan, rng: n
         support_labels += [label] * shots
         query_labels += [label] * plan.queries
     images = torch.cat(support + query).float().div_(255)
-    images = (_train_transform(images, rng, source.crop_scale, image_size) if augment
-              else _test_transform(images, source.test_crop, image_size))
-    images = normalise(images)
+    if augment:  # a new tensor, normalised in place
+        images = normalise(_train_transform(images, rng, source.crop_scale, image_size), in_place=True)
+    else:  # may be a view of `images`
+        images = normalise(_test_transform(images, source.test_crop, image_size))
     n_support = len(support_labels)
     return Episode(images[:n_support], torch.tensor(support_labels), images[n_support:], torch.tensor(query_labels),
                    source.name, source.split)

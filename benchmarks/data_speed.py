@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -57,7 +58,13 @@ def write_folder(source: data.Source, root: Path) -> None:
 def stream_rate(sources, protocol, size: int, workers: int, episodes: int, seconds: float) -> dict:
     """data.training_stream with `workers`: episodes 0 .. workers-1 are a warm-up (every worker has
     started), then episodes workers, workers + 1, ... are timed until `episodes` have arrived or
-    `seconds` have passed. Episodes vary in size, so images per second compares rows fairly."""
+    `seconds` have passed. Episodes vary in size, so images per second compares rows fairly.
+
+    The workers' CPU time (counted once they have exited) per episode they were asked for does not
+    depend on other jobs: equal with 1 and N workers means the pipeline itself scales, and only free
+    cores limit it. It is an upper bound: the last few prefetched episodes are made but not counted.
+    """
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with data.training_stream(sources, protocol, seed=0, image_size=size, start=0, count=10**6,
                               workers=workers) as stream:
         for _ in range(max(1, workers)):
@@ -67,14 +74,18 @@ def stream_rate(sources, protocol, size: int, workers: int, episodes: int, secon
             episode = next(stream)
             n, images = n + 1, images + episode.support_images.shape[0] + episode.query_images.shape[0]
         elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return {"episodes_per_second": n / elapsed, "images_per_second": images / elapsed,
-            "images_per_episode": images / n, "episodes": n}
+            "images_per_episode": images / n, "episodes": n,
+            "worker_cpu_s_per_episode": cpu / (n + max(1, workers)) if workers else None}
 
 
 def worker_table(named_sources: dict, counts: list[int], episodes: int, seconds: float, save) -> None:
     """One row per (source, worker count); `save(rows)` after every row, so a run cut short keeps them."""
-    print("| source | protocol | image size | workers | episodes/s | images/s | images/episode | episodes timed | load average |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| source | protocol | image size | workers | episodes/s | images/s | images/episode | episodes timed "
+          "| worker CPU s/episode | load average |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for name, chosen in named_sources.items():
         for workers in counts:
@@ -82,7 +93,7 @@ def worker_table(named_sources: dict, counts: list[int], episodes: int, seconds:
             rows.append({"source": name, "image_size": 128, "workers": workers, **r, "load_average": os.getloadavg()[0]})
             print(f"| {name} | variable (Meta-Dataset) | 128 | {workers} | {r['episodes_per_second']:.2f} | "
                   f"{r['images_per_second']:.0f} | {r['images_per_episode']:.0f} | {r['episodes']} | "
-                  f"{os.getloadavg()[0]:.1f} |", flush=True)
+                  f"{r['worker_cpu_s_per_episode'] or float('nan'):.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
             save(rows)
 
 

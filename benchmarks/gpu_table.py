@@ -99,7 +99,8 @@ def data_rows(out: Path) -> list[tuple[str, str, str, str]]:
         rows.append((f"data pipeline, {r['workers']} worker{'s' if r['workers'] != 1 else ''}",
                      f"{r['source']}, variable way/shot, 128 px, {result['meta']['cpus']} CPUs",
                      f"{r['episodes_per_second']:.2f} episodes/s, {r['images_per_second']:.0f} images/s "
-                     f"({r['images_per_episode']:.0f} images/episode, load {r['load_average']:.1f})",
+                     f"({r['images_per_episode']:.0f} images/episode; worker CPU "
+                     f"{r.get('worker_cpu_s_per_episode') or float('nan'):.2f} s/episode; load {r['load_average']:.1f})",
                      "; ".join(x for x in (scaling, target) if x)))
     if not rows or note:
         rows.append(("data pipeline", "128 px, by worker count", "not measured" if not rows else "incomplete",

@@ -2,6 +2,7 @@
 episodes, the embedded benchmark and each real source on data the test itself creates."""
 
 import json
+import math
 import pickle
 
 import h5py
@@ -441,3 +442,42 @@ def test_empty_image_file_is_named(tmp_path):
 
     with pytest.raises(data.DataError, match="1.png is empty"):
         readers.folder_sources(tmp_path / "d", "ood")
+
+
+def out_of_place_train_transform(images, rng, crop_scale, image_size):
+    """The training transform as first written, one new tensor per operation: the oracle for the
+    in-place version, which must give the same bits (checkpoints of a seed must not change)."""
+    n = images.shape[0]
+    area = rng.uniform(*crop_scale, size=n)
+    log_ratio = rng.uniform(math.log(3 / 4), math.log(4 / 3), size=n)
+    width = np.minimum(np.sqrt(area * np.exp(log_ratio)), 1.0)
+    height = np.minimum(np.sqrt(area / np.exp(log_ratio)), 1.0)
+    centre_x = rng.uniform(-1, 1, size=n) * (1 - width)
+    centre_y = rng.uniform(-1, 1, size=n) * (1 - height)
+    flip = np.where(rng.uniform(size=n) < 0.5, -1.0, 1.0)
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta), [n, 3, image_size, image_size],
+                                           align_corners=False)
+    images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                                             align_corners=False)
+    brightness, contrast, saturation = (torch.from_numpy(rng.uniform(0.6, 1.4, size=(n, 1, 1, 1)).astype(np.float32))
+                                        for _ in range(3))
+    images = (images * brightness).clamp(0, 1)
+    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    images = ((images - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)).clamp(0, 1)
+    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    images = ((images - gray) * saturation + gray).clamp(0, 1)
+    return (images - torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("n, side, size", [(7, 40, 32), (30, 146, 128), (3, 20, 16)])
+def test_the_in_place_training_transform_gives_the_bits_of_the_out_of_place_one(n, side, size):
+    images = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(n))
+
+    fast = data.normalise(data._train_transform(images.clone(), np.random.default_rng(n), (0.08, 1.0), size),
+                          in_place=True)
+    plain = out_of_place_train_transform(images.clone(), np.random.default_rng(n), (0.08, 1.0), size)
+
+    assert torch.equal(fast, plain)

@@ -24,7 +24,8 @@ def test_a_full_gpu_run_gives_one_row_per_measurement_with_the_targets_judged(tm
     compiled = [bench_row("10w2s", "smat", 8, 50.0, 3072), bench_row("10w2s", "smat:compiled", 8, 40.0, 2048)]
     (tmp_path / "compile.json").write_text(json.dumps({"rows": compiled}))
     rows = [{"source": "synthetic Meta-Dataset h5", "workers": w, "episodes_per_second": 1.5 * w,
-             "images_per_second": 630.0 * w, "images_per_episode": 420.0, "load_average": 1.0} for w in (1, 4, 8, 16)]
+             "images_per_second": 630.0 * w, "images_per_episode": 420.0, "load_average": 1.0,
+             "worker_cpu_s_per_episode": 0.5} for w in (1, 4, 8, 16)]
     (tmp_path / "data.json").write_text(json.dumps({"meta": {"cpus": 16}, "rows": rows}))
     run = tmp_path / "run"
     run.mkdir()
@@ -41,7 +42,7 @@ def test_a_full_gpu_run_gives_one_row_per_measurement_with_the_targets_judged(tm
     assert "50.0 ms/episode, 3.00 GiB peak | <= 60 ms: meets; <= 4 GiB: meets" in table
     assert "M=16 / M=8 = 1.20 (<= 1.15: misses)" in table and "SMAT M=8 / ProtoNet = 2.50 (<= 3: meets)" in table
     assert "40.0 ms/episode" in table and "eager in the same run: 50.0 ms (1.25x)" in table
-    assert ("24.00 episodes/s, 10080 images/s (420 images/episode, load 1.0) | "
+    assert ("24.00 episodes/s, 10080 images/s (420 images/episode; worker CPU 0.50 s/episode; load 1.0) | "
             "16.00x the images/s of 1 worker; >= 20 episodes/s: meets") in table
     assert "200 episodes in 95 s; training 3.50 episodes/s, 9.50 GiB peak; bf16, 8 workers; test table written | ran to the end" in table
     assert "20-way 18-shot" in table and "not measured" in table  # the 20w18s rows are absent here
