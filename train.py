@@ -117,10 +117,14 @@ def autocast(precision: Literal["bf16", "fp16", "fp32"], device: torch.device):
 
 def default_workers() -> int:
     """Data worker processes per training process: the CPUs this process may use, shared among the
-    training processes of this machine, less one for the process itself, at most 8 (docs/gpu.md:
-    measured episodes per second by worker count)."""
+    training processes of this machine, less one for the process itself, at most 16.
+
+    Measured (docs/benchmark.md): a worker spends about 0.45 s of CPU on a 128-px Meta-Dataset
+    episode, so feeding a step of 60 ms takes about 8 busy workers, more for the largest episodes;
+    on a 2-core machine the one worker this gives trained as fast as the old background thread and
+    faster than making episodes in the training process."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    return max(0, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def compile_backbone(model: SMAT, backend: str = "inductor") -> None:
@@ -518,7 +522,7 @@ def main(
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 8]")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]")] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles)")] = False,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
