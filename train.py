@@ -130,14 +130,16 @@ def default_workers() -> int:
 def compile_backbone(model: SMAT, backend: str = "inductor") -> None:
     """`--compile`: torch.compile the backbone's forward, which every f_θ(x) of the step runs through
     (smat.SMAT.features). The rest of the step (autograd.grad for the inner step and the teacher, the
-    fused merge) stays eager. Shapes vary with the episode, so after the first recompilation the
-    batch dimension is compiled as dynamic. The step takes gradients through the backbone with
-    retain_graph=True (the inner step, the teacher's first gradient), which compiled backwards that
-    donate their buffers refuse, so buffer donation is switched off."""
+    fused merge) stays eager. Episodes vary in size, so shapes are compiled as dynamic from the
+    start: one graph with gradients and one without (the frozen pass, the teacher's last pass,
+    evaluation). Shape checks must be off (`--compile` turns them off): dynamo cannot trace
+    jaxtyping's checks. The step takes gradients through the backbone with retain_graph=True (the
+    inner step, the teacher's first gradient), which compiled backwards that donate their buffers
+    refuse, so buffer donation is switched off."""
     from torch._functorch import config as functorch_config
 
     functorch_config.donated_buffer = False
-    model.architecture.compile(backend=backend)
+    model.architecture.compile(backend=backend, dynamic=True)
 
 
 def check_protocols(sources: list, cfg: Config) -> None:
@@ -523,7 +525,7 @@ def main(
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
     workers: Annotated[Optional[int], typer.Option(min=0, help="data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]")] = None,
-    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles)")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles; turns shape checks off)")] = False,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
@@ -535,7 +537,7 @@ def main(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         cfg = make_config(profile, overrides, resume)
-        if not check_shapes:
+        if not check_shapes or compile_model:  # dynamo cannot trace the shape checks
             import jaxtyping
 
             jaxtyping.config.update("jaxtyping_disable", True)

@@ -368,7 +368,7 @@ def environment(device: torch.device, args) -> dict:
         else f"CPU ({platform.processor() or platform.machine()})",
         "cpu_threads": torch.get_num_threads(),
         "precision": args.precision,
-        "typecheck": not args.no_typecheck,
+        "typecheck": not (args.no_typecheck or args.compile),
         "meta_batch": args.meta_batch, "warmup": args.warmup, "repeats": args.repeats,
         "baseline": str(args.baseline) if args.baseline else None,
         "command": " ".join(sys.argv),
@@ -426,7 +426,7 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.no_typecheck:
+    if args.no_typecheck or args.compile:  # dynamo cannot trace the shape checks (as train.py --compile)
         os.environ["JAXTYPING_DISABLE"] = "1"  # before jaxtyping is imported by smat / backbone
     out = args.json or ROOT / "benchmarks" / "results" / f"bench-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

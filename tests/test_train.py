@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -190,15 +191,19 @@ def test_precision_auto_is_bf16_on_cards_with_native_bf16_else_fp16_and_fp32_on_
         train.resolve_precision("bf16", cuda)
 
 
-def test_a_compiled_backbone_gives_the_eager_step(assets):
+def test_a_compiled_backbone_gives_the_eager_step(assets, monkeypatch):
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # as --compile runs: no shape checks
     cfg = small_config(assets)
     torch.manual_seed(0)
     eager = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)
     compiled = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)  # its own backbone module
     compiled.load_state_dict(eager.state_dict())
     train.compile_backbone(compiled, backend="aot_eager")  # dynamo and AOTAutograd; inductor is only codegen
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
 
-    for ways in (3, 4):  # two episode shapes: the second recompiles with a dynamic batch size
+    for ways in (3, 4):  # two episode shapes, one compiled graph (dynamic batch size)
         images, labels = torch.randn(ways * 4, 3, 16, 16), torch.arange(ways).repeat(4)
         losses = []
         for model in (eager, compiled):
@@ -210,11 +215,13 @@ def test_a_compiled_backbone_gives_the_eager_step(assets):
         torch.testing.assert_close(losses[1], losses[0])
         torch.testing.assert_close(compiled.delta.grad, eager.delta.grad)
         torch.testing.assert_close(compiled.log_alpha.grad, eager.log_alpha.grad)
+    assert counters["stats"]["unique_graphs"] >= 2  # compiled with and without gradients, not run eagerly
 
 
 @pytest.mark.skipif(os.environ.get("SMAT_TEST_COMPILE") != "1",
                     reason="inductor compiles C++ for about 30 s on a 2-core CPU; SMAT_TEST_COMPILE=1 runs it")
-def test_the_command_line_trains_with_compile(assets, tmp_path):
+def test_the_command_line_trains_with_compile(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", False)  # restored afterwards: --compile turns it on
     result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
                                             "--episodes", "8", "--experts", "2", "--no-evaluate", "--compile",
                                             "--workers", "0", "--out", str(tmp_path / "compiled"), "--device", "cpu"])
