@@ -76,7 +76,7 @@ if [ "$CUDA" = 1 ]; then
     fi
     stage compile 110 "$PY" benchmarks/bench.py --device cuda --preset vit_small_patch16 --shapes 10w2s \
         --experts 8 --parts smat,pmf --compile --warmup 2 --repeats 5 --no-typecheck --json "$OUT_DIR/compile.json"
-    stage tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py
+    stage tests 60 env -u JAXTYPING_DISABLE "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py
 else
     for name in steps smoke compile tests; do echo no-cuda > "$OUT_DIR/$name.status"; done
     echo "# no CUDA device: the GPU stages (steps, smoke, compile, tests) are skipped; the data pipeline's scaling:"
