@@ -3,10 +3,10 @@
 Reading order: § 1 `Episode` (what every other module consumes) -> § 2 the samplers, pure functions
 of (class sizes, hierarchy, random generator) that return an `EpisodePlan` [MD sampling.py] -> § 3
 `Source` (one domain: class sizes and a loader) and `make_episode`, `training_episode`,
-`TrainStream`, `evaluation_episodes` (plans turned into tensors). The sources themselves live
-elsewhere: benchmark.py is the embedded procedural benchmark (the default `--data`), readers.py
-reads image folders, torchvision datasets and Meta-Dataset's h5 files, and its `parse_data_spec`
-turns one `--data` string into sources.
+`training_stream` (the same episodes from worker processes), `evaluation_episodes` (plans turned
+into tensors). The sources themselves live elsewhere: benchmark.py is the embedded procedural
+benchmark (the default `--data`), readers.py reads image folders, torchvision datasets and
+Meta-Dataset's h5 files, and its `parse_data_spec` turns one `--data` string into sources.
 
 The protocol facts (query rule, support budget, log-uniform class weights, Omniglot and ImageNet
 hierarchies) follow Meta-Dataset v1 (Triantafillou et al., ICLR 2020) and its code [MD sampling.py,
@@ -14,11 +14,11 @@ data_config_common.gin], re-implemented here; no Meta-Dataset, PMF or SMAT code 
 """
 
 import math
+import multiprocessing
 import os
-import queue
-import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Float, Int, UInt8, jaxtyped
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns all checks off
 
@@ -70,6 +71,12 @@ class Episode:
             query_images=self.query_images.to(device, non_blocking=True),
             query_labels=self.query_labels.to(device, non_blocking=True),
         )
+
+    def pin_memory(self) -> "Episode":
+        """The same episode in page-locked memory (DataLoader's pin_memory calls this)."""
+        return replace(self, support_images=self.support_images.pin_memory(),
+                       support_labels=self.support_labels.pin_memory(),
+                       query_images=self.query_images.pin_memory(), query_labels=self.query_labels.pin_memory())
 
 
 # --- § 2 Samplers [MD sampling.py] ----------------------------------------------------------------
@@ -233,10 +240,11 @@ class Source:
         return f"{type(self).__name__}({self.name!r}, split={self.split!r})"
 
 
-def normalise(images: Float[Tensor, "n 3 height width"]) -> Float[Tensor, "n 3 height width"]:
+def normalise(images: Float[Tensor, "n 3 height width"], in_place: bool = False) -> Float[Tensor, "n 3 height width"]:
+    """(images - mean) / std with ImageNet's statistics; `in_place` overwrites `images` (same bits)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return images.sub_(mean).div_(std) if in_place else (images - mean) / std
 
 
 def _test_transform(images: Tensor, test_crop: float, image_size: int) -> Tensor:
@@ -271,11 +279,15 @@ def _train_transform(images: Tensor, rng: np.random.Generator, crop_scale: tuple
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     brightness, contrast, saturation = (torch.from_numpy(rng.uniform(0.6, 1.4, size=(n, 1, 1, 1)).astype(np.float32))
                                         for _ in range(3))
-    images = (images * brightness).clamp(0, 1)
-    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    images = ((images - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)).clamp(0, 1)
-    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return ((images - gray) * saturation + gray).clamp(0, 1)
+    # In place on grid_sample's fresh output: the same element-wise operations in the same order as
+    # ((x * b).clamp(0, 1) - m) * c + m ..., so the same bits, without a new episode-sized tensor
+    # (and its page faults) per operation.
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    images.mul_(brightness).clamp_(0, 1)
+    mean_gray = (images * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    images.sub_(mean_gray).mul_(contrast).add_(mean_gray).clamp_(0, 1)
+    gray = (images * luma).sum(1, keepdim=True)
+    return images.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 1)
 
 
 def make_episode(source: Source, partition: Partition, plan: EpisodePlan, rng: np.random.Generator,
@@ -294,9 +306,10 @@ def make_episode(source: Source, partition: Partition, plan: EpisodePlan, rng: n
         support_labels += [label] * shots
         query_labels += [label] * plan.queries
     images = torch.cat(support + query).float().div_(255)
-    images = (_train_transform(images, rng, source.crop_scale, image_size) if augment
-              else _test_transform(images, source.test_crop, image_size))
-    images = normalise(images)
+    if augment:  # a new tensor, normalised in place
+        images = normalise(_train_transform(images, rng, source.crop_scale, image_size), in_place=True)
+    else:  # may be a view of `images`
+        images = normalise(_test_transform(images, source.test_crop, image_size))
     n_support = len(support_labels)
     return Episode(images[:n_support], torch.tensor(support_labels), images[n_support:], torch.tensor(query_labels),
                    source.name, source.split)
@@ -320,64 +333,81 @@ def training_episode(sources: Sequence[Source], protocol: Protocol, seed: int, i
     return make_episode(source, "train", sample_plan(source, "train", protocol, rng), rng, True, image_size)
 
 
-class TrainStream:
-    """training_episode(seed, i) for i = start, start + stride, ... made ahead in a background thread.
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Make tensors with one intra-op thread, then restore the caller's setting.
 
-    The thread runs `prefetch` episodes ahead (tensor work releases the GIL), so a training step never
-    waits on data. It uses one intra-op thread (thread-local under PyTorch's OpenMP backend): on a
-    2-core machine a second team of OpenMP threads fighting the training step's made episodes 30x
-    slower (docs/benchmark.md). Use as a context manager or call close(). An error in the worker is
-    re-raised here.
+    Episodes are always made this way, in a worker process or in the main one, so their bits never
+    depend on where they were made or on the machine's thread count; and on a busy machine a second
+    team of OpenMP threads fighting the training step's made episodes 30x slower (docs/benchmark.md).
+    """
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+class TrainingEpisodes(Dataset):
+    """`training_episode` as a map-style dataset: index -> episode, made with one intra-op thread.
+
+    A DataError (an unreadable image, say) is returned, not raised: `training_stream` raises it
+    with its own one-line message, where DataLoader would wrap it in a worker's traceback.
     """
 
-    def __init__(self, sources: Sequence[Source], protocol: Protocol, seed: int, image_size: int,
-                 start: int = 0, stride: int = 1, prefetch: int = 8) -> None:
-        _id_sources(sources)  # fail here, not in the worker
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._work, args=(list(sources), protocol, seed, image_size, start, stride), daemon=True)
-        self._thread.start()
+    def __init__(self, sources: Sequence[Source], protocol: Protocol, seed: int, image_size: int) -> None:
+        _id_sources(sources)  # fail here, not in a worker
+        self.sources, self.protocol, self.seed, self.image_size = list(sources), protocol, seed, image_size
 
-    def _work(self, sources, protocol, seed, image_size, start, stride) -> None:
-        torch.set_num_threads(1)
-        index = start
-        while not self._stop.is_set():
-            try:
-                item: Episode | BaseException = training_episode(sources, protocol, seed, index, image_size)
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                item = error
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
-            index += stride
+    def __getitem__(self, index: int) -> Episode | DataError:
+        try:
+            with one_intra_op_thread():
+                return training_episode(self.sources, self.protocol, self.seed, index, self.image_size)
+        except DataError as error:
+            return error
 
-    def __iter__(self) -> "TrainStream":
-        return self
 
-    def __next__(self) -> Episode:
-        if self._stop.is_set():
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        return item
+@contextmanager
+def training_stream(sources: Sequence[Source], protocol: Protocol, seed: int, image_size: int, *, start: int,
+                    count: int, stride: int = 1, workers: int = 0, pin_memory: bool = False,
+                    prefetch: int = 2) -> Iterator[Iterator[Episode]]:
+    """The meta-training episodes start, start + stride, ... (`count` of them), in that order, made by
+    `workers` processes (0: by the calling process, when asked for). Use as `with ... as episodes`.
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    Episode i is `training_episode(seed, i)`, so the tensors are the same bits whatever `workers`
+    is; only where and when they are made changes. A torch DataLoader over `TrainingEpisodes`, one
+    episode per item: every worker runs `prefetch` episodes ahead, so shared memory holds up to
+    workers x prefetch episodes (a 400-image Meta-Dataset episode at 128 px is 80 MB of float32);
+    `pin_memory` (CUDA) lets `Episode.to(device)` copy asynchronously. Workers are forked where the
+    platform can (the sources are shared copy-on-write, never pickled; where it cannot, as on
+    Windows, use workers=0) and live for this one pass over the indices (persistent workers would
+    only serve a second pass, which training never makes); on leaving the `with` (the end, an error,
+    Ctrl-C) they stop at once. The loader draws its worker seeds from its own generator, not from
+    torch's global one, which the run's model uses.
+    """
+    context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
+    loader = DataLoader(
+        TrainingEpisodes(sources, protocol, seed, image_size), batch_size=None,
+        sampler=range(start, start + count * stride, stride), num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None, multiprocessing_context=context,
+        generator=torch.Generator().manual_seed(seed))
+    items = iter(loader)
 
-    def __enter__(self) -> "TrainStream":
-        return self
+    def episodes() -> Iterator[Episode]:
+        for item in items:
+            if isinstance(item, DataError):
+                raise item
+            yield item
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    try:
+        yield episodes()
+    finally:
+        shutdown = getattr(items, "_shutdown_workers", None)  # DataLoader's own clean-up, with workers
+        if shutdown is not None:
+            shutdown()
 
 
 def evaluation_episodes(source: Source, partition: Literal["val", "test"], protocol: Protocol, n_episodes: int,

@@ -420,12 +420,18 @@ class H5Files:
 
     def __init__(self, max_open: int = 64) -> None:
         self.max_open = max_open
+        self._forget_handles()
+
+    def _forget_handles(self) -> None:
         self._open: OrderedDict[Path, object] = OrderedDict()
-        self._lock = threading.Lock()  # the training thread and the main thread may both read
+        self._lock = threading.Lock()  # threads of one process may read at once
+        self._pid = os.getpid()
 
     def read(self, path: Path, record: int) -> np.ndarray:
         import h5py
 
+        if self._pid != os.getpid():  # a forked data worker: open its own files, never use the parent's
+            self._forget_handles()
         with self._lock:
             try:
                 handle = self._open.pop(path, None) or h5py.File(path, "r")

@@ -54,7 +54,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit at most he
 # The choices of Config's named options, as types: train.py's command line offers exactly these.
 Method = Literal["smat", "pmf"]
 MaskSampling = Literal["stochastic", "official"]
-Precision = Literal["bf16", "fp16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 ConstraintGates = Literal["test", "sampled"]
 
 
@@ -129,7 +129,7 @@ class Config:
     val_episodes: int = 60  # per ID domain
     test_episodes: int = 600  # per domain [official: nTestEpisode]
     seed: int = 0
-    precision: Precision = "bf16"  # autocast dtype on GPU; CPU runs in fp32
+    precision: Precision = "auto"  # GPU autocast: auto = bf16 where native, else fp16; CPU runs in fp32
 
     def __post_init__(self) -> None:
         for f in fields(self):  # every float finite: a NaN or infinite lr would train on nonsense

@@ -92,11 +92,58 @@ def episode_generator(seed: int, index: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 (or fp16) autocast on CUDA; CPU runs in fp32 (CPU bf16 matmuls are slower, not faster)."""
-    enabled = device.type == "cuda" and cfg.precision != "fp32"
-    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def resolve_precision(precision: smat.Precision, device: torch.device) -> Literal["bf16", "fp16", "fp32"]:
+    """What `--precision` means on this device, decided when a run (or a resumed run) starts.
+
+    CPU: fp32 always (CPU bf16 matmuls are slower, not faster). CUDA: "auto" is bf16 where the card
+    computes in bf16 natively (compute capability 8.0 and up: A100, H100, L4 ...), else fp16 with a
+    GradScaler (V100, T4); an explicit bf16 on a card that would only emulate it is refused.
+    config.json keeps "auto", so a run resumed on another card resolves it again; metrics.jsonl
+    records what it resolved to.
+    """
+    if device.type != "cuda":
+        return "fp32"
+    with torch.cuda.device(device):
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if precision == "bf16" and not native_bf16:
+        raise RunError(f"precision bf16 asked for but {torch.cuda.get_device_name(device)} has no native bf16; "
+                       f"use --precision auto or fp16")
+    return precision
+
+
+def autocast(precision: Literal["bf16", "fp16", "fp32"], device: torch.device):
+    """Autocast to the resolved precision (fp32: none)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def default_workers() -> int:
+    """Data worker processes per training process: the CPUs this process may use, shared among the
+    training processes of this machine, less one for the process itself, at most 16.
+
+    Measured (docs/benchmark.md): a worker spends about 0.45 s of CPU on a 128-px Meta-Dataset
+    episode, so feeding a step of 60 ms takes about 8 busy workers, more for the largest episodes;
+    on a 2-core machine the one worker this gives trained as fast as the old background thread and
+    faster than making episodes in the training process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+def compile_backbone(model: SMAT, backend: str = "inductor") -> None:
+    """`--compile`: torch.compile the backbone's forward, which every f_θ(x) of the step runs through
+    (smat.SMAT.features). The rest of the step (autograd.grad for the inner step and the teacher, the
+    fused merge) stays eager. Episodes vary in size, so shapes are compiled as dynamic from the
+    start: one graph with gradients and one without (the frozen pass, the teacher's last pass,
+    evaluation). Shape checks must be off (`--compile` turns them off): dynamo cannot trace
+    jaxtyping's checks. The step takes gradients through the backbone with retain_graph=True (the
+    inner step, the teacher's first gradient), which compiled backwards that donate their buffers
+    refuse, so buffer donation is switched off."""
+    from torch._functorch import config as functorch_config
+
+    functorch_config.donated_buffer = False
+    model.architecture.compile(backend=backend, dynamic=True)
 
 
 def check_protocols(sources: list, cfg: Config) -> None:
@@ -128,10 +175,14 @@ def meta_train(
     stop_after: int | None = None,
     cache_dir: Path | None = None,
     console: Console | None = None,
+    workers: int | None = None,
+    compile_model: bool = False,
 ) -> Path:
     """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
     See the module docstring. Every flag and the data are checked before anything is written; the
-    run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory)."""
+    run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory).
+    `workers` data processes make the episodes (None: `default_workers()`; 0: this process);
+    `compile_model` compiles the backbone's forward (`compile_backbone`). Neither changes the episodes."""
     console = console or Console(stderr=False)
     procs = processes(device, cfg)
     check_stop_after(cfg, stop_after)
@@ -139,28 +190,38 @@ def meta_train(
     claim, out_dir = claim_run_directory(cfg, out_dir, resume, procs)
     try:
         with claim or nullcontext():
-            return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console)
+            return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console,
+                                 workers, compile_model)
     except KeyboardInterrupt:
         raise rundir.Interrupted(interrupted(out_dir, claim, resume)) from None
 
 
 def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
-                  resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console) -> Path:
+                  resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console,
+                  workers: int | None = None, compile_model: bool = False) -> Path:
     """The run in its claimed directory: resume or start, the loop, the final evaluation."""
     state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
     procs = init_distributed(procs)
-    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources)
+    precision = resolve_precision(cfg.precision, procs.device)
+    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision)
+    if compile_model:
+        compile_backbone(run.model)
     id_sources = [s for s in sources if s.split == "id"]
-    stream = data.TrainStream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
-                              start=run.episodes_done + procs.rank, stride=procs.world)
-    with stream, Monitor(run, procs.main, console) as monitor:
+    workers = default_workers() if workers is None else workers
+    mine = len(range(procs.rank, cfg.meta_batch, procs.world))  # this process's tasks per meta-batch
+    stream = data.training_stream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
+                                  start=run.episodes_done + procs.rank, stride=procs.world,
+                                  count=(run.last_step - run.step) * mine, workers=workers,
+                                  pin_memory=procs.device.type == "cuda")
+    setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
+    with stream as episodes, Monitor(run, procs.main, console, setting) as monitor:
         while run.step < run.last_step:
             # --- method: a meta-batch of tasks, then one meta-update [SMAT §3.10-3.11] ---
             outputs = []
             for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
-                episode, task = next(stream).to(procs.device), run.episodes_done + index
+                episode, task = next(episodes).to(procs.device), run.episodes_done + index
                 run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
-                with autocast(cfg, procs.device):
+                with autocast(precision, procs.device):
                     out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
                                                episode.query_images, episode.query_labels, episode.n_way,
                                                episode_generator(cfg.seed, task, procs.device))
@@ -368,13 +429,13 @@ class Run:
 
 
 def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, state: dict | None, procs: Processes,
-              stop_after: int | None, sources: list) -> Run:
+              stop_after: int | None, sources: list, precision: str) -> Run:
     """The model on its device, the optimisers (restored when resuming), and the run's first files
     written: data.json (the classes of every partition, for a run that starts from episode 0) and
-    config.json."""
+    config.json. `precision` is the resolved autocast choice (resolve_precision)."""
     model, backbone_spec = initial_model(cfg, state, procs)
     model = model.to(procs.device)
-    scaler = torch.amp.GradScaler("cuda") if procs.device.type == "cuda" and cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16 needs loss scaling
     total_steps = math.ceil(cfg.episodes / cfg.meta_batch)
     last_step = total_steps if stop_after is None else min(total_steps, math.ceil(stop_after / cfg.meta_batch))
     run = Run(cfg, out_dir, model, smat.MetaOptimizer(model), scaler, backbone_spec, total_steps, last_step)
@@ -422,8 +483,8 @@ class Monitor:
     COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
-    def __init__(self, run: Run, main: bool, console: Console) -> None:
-        self.run, self.file = run, run.out_dir / "metrics.jsonl"
+    def __init__(self, run: Run, main: bool, console: Console, setting: dict) -> None:
+        self.run, self.file, self.main, self.setting = run, run.out_dir / "metrics.jsonl", main, setting
         self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
         self.started, self.start_episode = time.perf_counter(), run.episodes_done
         self.console, self.plain = console, main and not console.is_terminal
@@ -432,6 +493,8 @@ class Monitor:
     def __enter__(self) -> "Monitor":
         self.bar.__enter__()
         cfg = self.run.cfg
+        if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
+            self._append({"episode": self.run.episodes_done, "start": self.setting})
         self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
                                       completed=self.run.episodes_done, stats="")
         return self
@@ -484,6 +547,8 @@ def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
             "expected_density_mean": round(smat.expected_density(model.log_alpha.detach()).mean().item(), 4),
         }
     record["episodes_per_second"] = round(rate, 2)
+    if model.delta.is_cuda:  # the most this process has held at once, this session
+        record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.delta.device) / 2**30, 3)
     return record
 
 
@@ -557,8 +622,9 @@ def main(
     kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
     mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)", field="mask_sampling")] = None,
     constraint_gates: Annotated[Optional[smat.ConstraintGates], option(help="the gates ŝ ≥ τ counts: test (the evaluated model's) or sampled (the paper's)", field="constraint_gates")] = None,
-    precision: Annotated[Optional[smat.Precision], option(help="GPU autocast dtype (CPU runs in fp32)", field="precision")] = None,
+    precision: Annotated[Optional[smat.Precision], option(help="GPU autocast: auto = bf16 where the card has it, else fp16 with a loss scaler (CPU runs in fp32)", field="precision")] = None,
     test_episodes: Annotated[Optional[int], option(help="test episodes per domain", field="test_episodes")] = None,
+    val_episodes: Annotated[Optional[int], option(help="validation episodes per ID domain", field="val_episodes")] = None,
     checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints", field="checkpoint_every")] = None,
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
@@ -567,25 +633,27 @@ def main(
         "--config", help="JSON or TOML file of Config fields (a run's config.json works); under --set and the flags")] = None,
     settings: Annotated[Optional[list[str]], typer.Option(
         "--set", help="KEY=VALUE for any Config field, e.g. --set inner_lr=0.01 (repeatable); under the named flags")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles; turns shape checks off)")] = False,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
                  "data": data_spec, "backbone": backbone, "teacher": teacher,
                  "kl_to_pretrained": kl_pretrained if kl_to_pretrained is None else kl_to_pretrained,
                  "mask_sampling": mask_sampling, "constraint_gates": constraint_gates, "precision": precision,
-                 "test_episodes": test_episodes,
+                 "test_episodes": test_episodes, "val_episodes": val_episodes,
                  "checkpoint_every": checkpoint_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         check_flags(resume, out, profile, kl_to_pretrained, kl_pretrained)
         overrides = config_overrides(config_file, settings or []) | overrides
         cfg = make_config(profile or "cpu", overrides, resume)
-        if not check_shapes:
+        if not check_shapes or compile_model:  # dynamo cannot trace the shape checks
             import jaxtyping
 
             jaxtyping.config.update("jaxtyping_disable", True)
         meta_train(cfg, resume or out, device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
-                   stop_after=stop_after)
+                   stop_after=stop_after, workers=workers, compile_model=compile_model)
     except rundir.USER_ERRORS as error:
         fail(str(error))
     except NonFiniteLoss as error:

@@ -63,8 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="meta-batches (predict: episodes x meta-batch) untimed")
     p.add_argument("--repeats", type=int, default=5, help="timed meta-batches; median over them")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="CUDA autocast")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="CUDA autocast; auto as train.py (bf16 where the card has it natively, else fp16)")
     p.add_argument("--baseline", type=Path, default=None, help="another smat.py to measure interleaved (A/B)")
+    p.add_argument("--compile", action="store_true", help="also measure smat/pmf with train.py's --compile "
+                   "(rows 'smat:compiled', 'pmf:compiled'), interleaved with eager; warm-up >= 2 recommended")
     p.add_argument("--memory-only", action="store_true", help="measure memory only (no warm-up, no timing)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-typecheck", action="store_true", help="JAXTYPING_DISABLE=1 (train.py keeps checks on)")
@@ -294,6 +297,9 @@ def run(args, save) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    import train
+
+    args.precision = train.resolve_precision(args.precision, device)  # as train.py: fp32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     use_amp = device.type == "cuda" and dtype is not None
 
@@ -319,7 +325,7 @@ def run(args, save) -> dict:
             groups = [(part, m) for part in parts for m in {"pmf": [1], "fwdbwd": [0]}.get(part, experts)]
             for part, m in groups:
                 workloads = make_workloads(part, m, variants, preset, common, episode, args.meta_batch,
-                                           autocast, device)
+                                           autocast, device, args.compile)
                 for name, r in measure(workloads, args, device).items():
                     rows.append(base | {"part": name, "experts": m} | r)
                     print(format_row(rows[-1]), flush=True)
@@ -331,8 +337,9 @@ def run(args, save) -> dict:
     return result
 
 
-def make_workloads(part, m, variants, preset, common, episode, meta_batch, autocast, device) -> dict:
-    """The workloads of one table group, measured interleaved: one per smat variant (two for predict)."""
+def make_workloads(part, m, variants, preset, common, episode, meta_batch, autocast, device, compiled=False) -> dict:
+    """The workloads of one table group, measured interleaved: one per smat variant (two for predict),
+    and with `compiled` a second smat/pmf step whose backbone forward train.compile_backbone compiled."""
     if part == "fwdbwd":
         return {"fwdbwd": FwdBwdWorkload(preset, episode, meta_batch, autocast, device)}
     made = {}
@@ -344,6 +351,12 @@ def make_workloads(part, m, variants, preset, common, episode, meta_batch, autoc
             made[f"{label}protonet"] = PredictWorkload(mod, model, episode, autocast, device, pretrained=True)
         else:
             made[f"{label}{part}"] = StepWorkload(mod, model, episode, autocast, device)
+            if compiled and not label:  # the current smat.py only
+                import train
+
+                twin = build(mod, preset, cfg, device)
+                train.compile_backbone(twin)
+                made[f"{part}:compiled"] = StepWorkload(mod, twin, episode, autocast, device)
     return made
 
 
@@ -354,8 +367,8 @@ def environment(device: torch.device, args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()})",
         "cpu_threads": torch.get_num_threads(),
-        "precision": args.precision if device.type == "cuda" else "fp32",
-        "typecheck": not args.no_typecheck,
+        "precision": args.precision,
+        "typecheck": not (args.no_typecheck or args.compile),
         "meta_batch": args.meta_batch, "warmup": args.warmup, "repeats": args.repeats,
         "baseline": str(args.baseline) if args.baseline else None,
         "command": " ".join(sys.argv),
@@ -413,7 +426,7 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.no_typecheck:
+    if args.no_typecheck or args.compile:  # dynamo cannot trace the shape checks (as train.py --compile)
         os.environ["JAXTYPING_DISABLE"] = "1"  # before jaxtyping is imported by smat / backbone
     out = args.json or ROOT / "benchmarks" / "results" / f"bench-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

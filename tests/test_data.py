@@ -2,6 +2,7 @@
 episodes, the embedded benchmark and each real source on data the test itself creates."""
 
 import json
+import math
 import pickle
 
 import h5py
@@ -216,24 +217,61 @@ def test_training_episode_is_a_pure_function_of_seed_and_index(embedded):
         first.support_images, other.support_images)
 
 
-def test_train_stream_with_start_and_stride_matches_direct_calls(embedded):
+def assert_same_episode(a: data.Episode, b: data.Episode) -> None:
+    assert (a.domain, a.split) == (b.domain, b.split)
+    for name in ("support_images", "support_labels", "query_images", "query_labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def streamed(sources, protocol, workers, **where):
+    with data.training_stream(sources, protocol, seed=5, image_size=32, workers=workers, **where) as episodes:
+        return list(episodes)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_stream_gives_the_bits_of_direct_calls_in_order_with_start_and_stride(embedded, workers):
+    _, sources = embedded
+    protocol = data.Protocol("variable")
+
+    episodes = streamed(sources, protocol, workers, start=2, stride=3, count=5)
+
+    assert len(episodes) == 5
+    for k, episode in enumerate(episodes):
+        assert_same_episode(episode, data.training_episode(sources, protocol, 5, 2 + 3 * k, 32))
+
+
+def test_episodes_are_made_with_one_thread_whatever_the_caller_uses(embedded, monkeypatch):
     _, sources = embedded
     protocol = data.Protocol("fixed", ways=3, shots=2, queries=3)
+    threads, real = [], data.training_episode
 
-    with data.TrainStream(sources, protocol, seed=5, image_size=32, start=2, stride=3, prefetch=2) as stream:
-        streamed = [next(stream) for _ in range(4)]
+    def counting(*args):
+        threads.append(torch.get_num_threads())
+        return real(*args)
 
-    for k, episode in enumerate(streamed):
-        direct = data.training_episode(sources, protocol, 5, 2 + 3 * k, 32)
-        assert torch.equal(episode.support_images, direct.support_images) and episode.domain == direct.domain
+    monkeypatch.setattr(data, "training_episode", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (episode,) = streamed(sources, protocol, 0, start=0, count=1)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+    assert threads == [1] and after == 2  # one thread while making it, the caller's setting restored
+    assert_same_episode(episode, real(sources, protocol, 5, 0, 32))
 
 
-def test_train_stream_reraises_a_worker_error(embedded):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_data_error_in_the_stream_keeps_its_one_line_message(embedded, workers):
     _, sources = embedded
 
-    with data.TrainStream(sources, data.Protocol("fixed", ways=50), seed=0, image_size=32) as stream:
-        with pytest.raises(data.DataError, match="50-way"):
-            next(stream)
+    with data.training_stream(sources, data.Protocol("fixed", ways=50), seed=0, image_size=32, start=0, count=3,
+                              workers=workers) as episodes:
+        with pytest.raises(data.DataError, match="50-way") as error:
+            next(episodes)
+
+    assert "\n" not in str(error.value)
 
 
 def test_evaluation_episodes_are_deterministic_unaugmented_and_ood_aware(embedded):
@@ -394,6 +432,20 @@ def test_h5_source_reads_pmf_layout_with_a_bounded_number_of_open_files(tmp_path
     assert int(image) == 72
 
 
+def test_forked_workers_read_h5_files_the_parent_had_open(tmp_path):
+    write_pmf_h5(tmp_path / "tiny", n_classes=(6, 2, 5), images=7)
+    (source,) = readers.parse_data_spec(f"h5:{tmp_path / 'tiny'}", image_size=16)
+    source.load("train", 0, [0], 16)  # the parent holds an open h5 file when the workers fork
+    protocol = data.Protocol("variable")
+
+    with data.training_stream([source], protocol, seed=1, image_size=16, start=0, count=4, workers=2) as episodes:
+        got = list(episodes)
+
+    for k, episode in enumerate(got):
+        assert_same_episode(episode, data.training_episode([source], protocol, 1, k, 16))
+    assert len(source.files) >= 1  # the parent's handles are still its own
+
+
 @pytest.mark.parametrize("spec, message", [
     ("folder:/no/such/dir", "does not exist"),
     ("nosuch:thing", "cannot parse data source"),
@@ -520,3 +572,42 @@ def test_a_mixed_or_broken_layout_is_one_line_naming_what_was_found(tmp_path, ma
         readers.folder_sources(tmp_path / "d")
 
     assert "\n" not in str(error.value)
+
+
+def out_of_place_train_transform(images, rng, crop_scale, image_size):
+    """The training transform as first written, one new tensor per operation: the oracle for the
+    in-place version, which must give the same bits (checkpoints of a seed must not change)."""
+    n = images.shape[0]
+    area = rng.uniform(*crop_scale, size=n)
+    log_ratio = rng.uniform(math.log(3 / 4), math.log(4 / 3), size=n)
+    width = np.minimum(np.sqrt(area * np.exp(log_ratio)), 1.0)
+    height = np.minimum(np.sqrt(area / np.exp(log_ratio)), 1.0)
+    centre_x = rng.uniform(-1, 1, size=n) * (1 - width)
+    centre_y = rng.uniform(-1, 1, size=n) * (1 - height)
+    flip = np.where(rng.uniform(size=n) < 0.5, -1.0, 1.0)
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta), [n, 3, image_size, image_size],
+                                           align_corners=False)
+    images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                                             align_corners=False)
+    brightness, contrast, saturation = (torch.from_numpy(rng.uniform(0.6, 1.4, size=(n, 1, 1, 1)).astype(np.float32))
+                                        for _ in range(3))
+    images = (images * brightness).clamp(0, 1)
+    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    images = ((images - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)).clamp(0, 1)
+    gray = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    images = ((images - gray) * saturation + gray).clamp(0, 1)
+    return (images - torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("n, side, size", [(7, 40, 32), (30, 146, 128), (3, 20, 16)])
+def test_the_in_place_training_transform_gives_the_bits_of_the_out_of_place_one(n, side, size):
+    images = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(n))
+
+    fast = data.normalise(data._train_transform(images.clone(), np.random.default_rng(n), (0.08, 1.0), size),
+                          in_place=True)
+    plain = out_of_place_train_transform(images.clone(), np.random.default_rng(n), (0.08, 1.0), size)
+
+    assert torch.equal(fast, plain)

@@ -1,5 +1,6 @@
 """train.py: the run directory, resume, multi-process equivalence, PMF, failure behaviour, bad flags."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -151,7 +153,8 @@ def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
     (["--backbone", "resnet"], "backbone"),
     (["--resume", "/tmp"], "not a run directory"),
     (["--mask-sampling", "sometimes"], "--mask-sampling"),
-    (["--precision", "fp8"], "'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
+    (["--precision", "fp8"], "'fp8' is not one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    (["--workers", "-1"], "--workers"),
     (["--profile", "gpu"], "--profile"),
     (["--test-episodes", "1"], "test_episodes"),
     (["--constraint-gates", "both"], "--constraint-gates"),
@@ -249,3 +252,58 @@ def test_train_help_lists_config_and_set():
     text = CliRunner().invoke(train.app, ["--help"], env={"COLUMNS": "200"}).output
 
     assert "--config" in text and "--set" in text
+
+
+def test_precision_auto_is_bf16_on_cards_with_native_bf16_else_fp16_and_fp32_on_cpu(monkeypatch):
+    assert {train.resolve_precision(p, torch.device("cpu")) for p in ("auto", "bf16", "fp16", "fp32")} == {"fp32"}
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(train.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device=None: "an old card")
+    for native, auto in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(train.torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: native or including_emulation)  # emulation: always
+        assert train.resolve_precision("auto", cuda) == auto
+        assert train.resolve_precision("fp16", cuda) == "fp16" and train.resolve_precision("fp32", cuda) == "fp32"
+
+    with pytest.raises(train.RunError, match="an old card has no native bf16; use --precision auto or fp16"):
+        train.resolve_precision("bf16", cuda)
+
+
+def test_a_compiled_backbone_gives_the_eager_step(assets, monkeypatch):
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # as --compile runs: no shape checks
+    cfg = small_config(assets)
+    torch.manual_seed(0)
+    eager = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)
+    compiled = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)  # its own backbone module
+    compiled.load_state_dict(eager.state_dict())
+    train.compile_backbone(compiled, backend="aot_eager")  # dynamo and AOTAutograd; inductor is only codegen
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+
+    for ways in (3, 4):  # two episode shapes, one compiled graph (dynamic batch size)
+        images, labels = torch.randn(ways * 4, 3, 16, 16), torch.arange(ways).repeat(4)
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out = train.smat.meta_train_step(model, images[: ways * 2], labels[: ways * 2], images[ways * 2:],
+                                             labels[ways * 2:], ways, torch.Generator().manual_seed(ways))
+            out.loss.backward()
+            losses.append(out.loss.detach())
+        torch.testing.assert_close(losses[1], losses[0])
+        torch.testing.assert_close(compiled.delta.grad, eager.delta.grad)
+        torch.testing.assert_close(compiled.log_alpha.grad, eager.log_alpha.grad)
+    assert counters["stats"]["unique_graphs"] >= 2  # compiled with and without gradients, not run eagerly
+
+
+@pytest.mark.skipif(os.environ.get("SMAT_TEST_COMPILE") != "1",
+                    reason="inductor compiles C++ for about 30 s on a 2-core CPU; SMAT_TEST_COMPILE=1 runs it")
+def test_the_command_line_trains_with_compile(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", False)  # restored afterwards: --compile turns it on
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "8", "--experts", "2", "--no-evaluate", "--compile",
+                                            "--workers", "0", "--out", str(tmp_path / "compiled"), "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    start = json.loads((tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()[0])["start"]
+    assert start["compile"] is True and torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)["episode"] == 8
