@@ -255,6 +255,14 @@ class RunDirectory:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        # A forked child (a DataLoader worker) shares the locked file description; were it to keep it,
+        # the lock would outlive a killed run while the orphaned worker winds down. Children drop it.
+        os.register_at_fork(after_in_child=self._forget_in_child)
+
+    def _forget_in_child(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # this process's copy only: the parent still holds the lock
+            self.fd = None
 
     def _unlock(self) -> None:
         if self.fd is not None:
