@@ -8,8 +8,10 @@
 #    600 seeded episodes per domain (the same for every run), SMAT or PMF beside Pre on them.
 # 2. sparsity sweep: SMAT at τ = 0.5, 0.7, 0.95 (τ = 0.9 is the main runs), seeds 0, 1, 2, tested on
 #    the first SWEEP_EPISODES of those episodes.
-# 3. real glyphs: a tree of real font renderings (benchmarks/make_glyph_check.py, never seen in
-#    pretraining or meta-training) as OOD test domains for every run of 1 and 2, GLYPH_EPISODES per
+# 3. ablations, 3 seeds each: SMAT without the KL to the frozen model, without the teacher, and PMF
+#    with δ lr 0.02; tested like the sweep.
+# 4. real glyphs: a tree of real font renderings (benchmarks/make_glyph_check.py, never seen in
+#    pretraining or meta-training) as OOD test domains for every run of 1, 2 and 3, GLYPH_EPISODES per
 #    domain, written to $OUT/glyphs/<run>/ (the runs' own results stay untouched).
 # Rerunning skips finished runs and evaluations.
 set -euo pipefail
@@ -49,6 +51,11 @@ export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
       echo "smat-s$tau-seed$seed --sparsity $tau --experts 8 --seed $seed --test-episodes $SWEEP_EPISODES"
     done
   done
+  for seed in $SEEDS; do  # ablations
+    echo "smat-nokl-seed$seed --sparsity 0.9 --experts 8 --seed $seed --no-kl-to-pretrained --test-episodes $SWEEP_EPISODES"
+    echo "smat-noteacher-seed$seed --sparsity 0.9 --experts 8 --seed $seed --no-teacher --test-episodes $SWEEP_EPISODES"
+    echo "pmf-lr0.02-seed$seed --method pmf --experts 1 --seed $seed --set delta_lr=0.02 --test-episodes $SWEEP_EPISODES"
+  done
 } | xargs -P "$JOBS" -L 1 bash -c 'train "$@"' _
 
 [ -d "$OUT/glyph_check" ] || "$PYTHON" benchmarks/make_glyph_check.py "$OUT/glyph_check"
@@ -56,6 +63,7 @@ export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
   for seed in $SEEDS; do
     echo "pmf-seed$seed"; echo "smat-seed$seed"
     for tau in 0.5 0.7 0.95; do echo "smat-s$tau-seed$seed"; done
+    echo "smat-nokl-seed$seed"; echo "smat-noteacher-seed$seed"; echo "pmf-lr0.02-seed$seed"
   done
 } | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
 echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results-zeroshot-*.json"
