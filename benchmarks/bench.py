@@ -321,7 +321,8 @@ def run(args, save) -> dict:
             ways, shots, queries = SHAPES[shape]
             episode = Episode(ways, shots, queries, size, device)
             base = dict(preset=preset, image_size=size, shape=shape, images=ways * (shots + queries))
-            common = dict(backbone=preset, image_size=size, meta_batch=args.meta_batch, precision=args.precision)
+            common = dict(backbone=preset, image_size=size, meta_batch=args.meta_batch, precision=args.precision,
+                          episodes=args.meta_batch * 200)  # a whole number of meta-batches, as Config asks
             groups = [(part, m) for part in parts for m in {"pmf": [1], "fwdbwd": [0]}.get(part, experts)]
             for part, m in groups:
                 workloads = make_workloads(part, m, variants, preset, common, episode, args.meta_batch,
