@@ -313,13 +313,17 @@ SHIPPED_WEIGHTS: dict[str, tuple[Path, str]] = {
 }
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def load_shipped(name: str) -> VisionTransformer:
     """The committed weights of preset `name`, after checking the file's SHA-256."""
     path, expected = SHIPPED_WEIGHTS[name]
     if not path.is_file():
         raise BackboneError(f"the shipped {name} weights {path} are missing; restore them with "
                             f"`git checkout -- weights/` or rebuild them with `python standin.py`")
-    found = hashlib.sha256(path.read_bytes()).hexdigest()
+    found = file_sha256(path)
     if found != expected:
         raise BackboneError(f"the shipped {name} weights {path} have SHA-256 {found[:12]}…, not the recorded "
                             f"{expected[:12]}…; restore them with `git checkout -- weights/`")

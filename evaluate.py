@@ -306,7 +306,7 @@ def average_runs(results: list[dict]) -> dict:
             "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)}
 
 
-def _cell(value: dict | None) -> str:
+def difference_cell(value: dict | None) -> str:
     return f"{value['mean']:+.2f} ± {value['ci95']:.2f}" if value else "-"
 
 
@@ -319,10 +319,10 @@ def _rows(results: list[dict], differences: list[dict] = ()) -> list[list[str]]:
         cells = [r["domains"].get(domain) for r in results]
         split = next(c["split"] for c in cells if c)
         rows.append([domain, split] + [f"{c['mean']:.2f} ± {c['ci95']:.2f}" if c else "-" for c in cells]
-                    + [_cell(d["domains"].get(domain)) for d in differences])
+                    + [difference_cell(d["domains"].get(domain)) for d in differences])
     for key, label in (("id_avg", "ID avg"), ("ood_avg", "OOD avg")):
         rows.append([label, ""] + [f"{r[key]:.2f}" if r[key] is not None else "-" for r in results]
-                    + [_cell(d[key]) for d in differences])
+                    + [difference_cell(d[key]) for d in differences])
     return rows
 
 

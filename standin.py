@@ -26,7 +26,6 @@ label smoothing: backbone.pretrain_supervised) is the pretext task; docs/benchma
 choice and measures the transfer.
 """
 
-import hashlib
 import json
 import sys
 import time
@@ -260,10 +259,6 @@ def build_corpus(classes_per_family: int, images_per_class: int, resolution: int
 # --- § 2 Pretraining and the shipped file ---------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def pretrain(recipe: dict = RECIPE, out: Path = WEIGHTS, log: Callable[[str], None] = print) -> dict:
     """Build the corpus, pretrain the tiny ViT on it, write `out`; returns the pretraining history."""
     started = time.perf_counter()
@@ -285,7 +280,7 @@ def pretrain(recipe: dict = RECIPE, out: Path = WEIGHTS, log: Callable[[str], No
             "torch": str(torch.__version__), "seconds": round(time.perf_counter() - started),
             "command": "python standin.py"}
     backbones.save_backbone(model.cpu(), out, meta)
-    log(f"wrote {out} (sha256 {file_sha256(out)}: record it in backbone.SHIPPED_WEIGHTS), "
+    log(f"wrote {out} (sha256 {backbones.file_sha256(out)}: record it in backbone.SHIPPED_WEIGHTS), "
         f"final train accuracy {history[-1]['accuracy']:.1%}")
     return meta
 

@@ -142,16 +142,12 @@ def ablations(root: Path, episodes: int, families: dict[str, str], reference: st
             glyph_mean = evaluate.average_runs([first(g, n) for g in glyphs.values()])
             glyph_base = evaluate.average_runs([first(g, n) for g in base_glyphs.values()])
             glyph_cell = f"{glyph_mean['ood_avg']:.2f}"
-            glyph_diff = _cell(evaluate.paired_difference(glyph_mean, glyph_base)["ood_avg"])
+            glyph_diff = evaluate.difference_cell(evaluate.paired_difference(glyph_mean, glyph_base)["ood_avg"])
         norm = statistics.fmean(update_norm(root / f"{prefix}-seed{s}", r) for s, r in runs.items())
         rows.append(f"| {label} | {len(runs)} | {mean['id_avg']:.2f} | {mean['ood_avg']:.2f} | {glyph_cell} | "
-                    f"{_cell(paired['id_avg'])} | {_cell(paired['ood_avg'])} | {glyph_diff} | {norm:.2f} |")
+                    f"{evaluate.difference_cell(paired['id_avg'])} | {evaluate.difference_cell(paired['ood_avg'])} | {glyph_diff} | {norm:.2f} |")
     return "\n".join(rows) + (f"\n\nEmbedded: the first {episodes} test episodes per domain; real glyphs: the "
                               f"episodes all compared runs share; seed means, paired 95% CIs.\n")
-
-
-def _cell(value: dict) -> str:
-    return f"{value['mean']:+.2f} ± {value['ci95']:.2f}"
 
 
 def main() -> None:
