@@ -51,6 +51,8 @@ FinetuneMode = Literal["none", "full", "lora"]
 LR_CANDIDATES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 LR_SEARCH_EPISODES = 5  # validation episodes per domain for the lr search [official: 5 test episodes]
 MAX_FINETUNE_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 a ViT is destroyed, not tuned
+# progress(stage, total) -> tick: how an evaluation reports its episodes (`Stages` draws them in a terminal)
+Announce = Callable[[str, int], Callable[[], None]]
 PICTURES = ("router_weights.png", "kept_fraction.png", "mask_overlap.png")  # --plots, in each run directory
 
 
@@ -84,7 +86,7 @@ def evaluate_model(
     finetune_steps: int = FINETUNE_STEPS,
     baseline: Literal["model", "pretrained"] = "model",
     device: str | torch.device = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Announce | None = None,
 ) -> dict:
     """Accuracy of `model` on `episodes` seeded episodes of every source, as one results dict: per
     domain its split, mean and 95% CI, per-episode accuracies and mean router weights; the ID and OOD
@@ -93,7 +95,8 @@ def evaluate_model(
     `cfg` gives the protocol and image size (the model's own config gives the method). The same
     `seed` yields the same episodes for every model. `baseline="pretrained"` is "Pre": ProtoNet on
     θ_pre. Fine-tuning uses `finetune_lr` if given, else the lr chosen on validation episodes.
-    `progress(domain)` is called after every episode.
+    `progress(stage, total)` announces each stage ("lr search D", "test D") with its number of
+    episodes and returns the function called after every one of them (`Stages` draws them).
     """
     check_request(episodes, finetune, finetune_lr, seed)
     model = model.to(device)
@@ -102,7 +105,7 @@ def evaluate_model(
         lrs = {s.name: finetune_lr for s in sources}
     elif finetune != "none":
         lrs, search = select_finetune_lr(model, sources, cfg, finetune, seed=seed, baseline=baseline,
-                                         device=device, steps=finetune_steps)
+                                         device=device, steps=finetune_steps, progress=progress)
     started, domains, protocol = time.perf_counter(), {}, rundir.protocol(cfg, "test")
     # the test gates do not depend on the task: computed once, not once per episode
     gates = tested_gates(model, baseline)
@@ -111,7 +114,7 @@ def evaluate_model(
         tasks = data.evaluation_episodes(source, partition, protocol, episodes, seed, cfg.image_size)
         accuracies, weights, domain_density = _accuracies(model, tasks, finetune, lrs[source.name], baseline,
                                                           finetune_steps, seed, device, gates,
-                                                          progress and partial(progress, source.name))
+                                                          progress and progress(f"{partition} {source.name}", episodes))
         mean, ci95 = confidence_interval(accuracies.cpu())
         if not math.isfinite(mean):  # _accuracies marks an episode with non-finite logits as NaN
             raise EvaluateError(non_finite_message(source.name, accuracies, finetune, lrs[source.name]))
@@ -217,13 +220,14 @@ def episode_logits(model: SMAT, episode: Episode, n_way: int, finetune: Finetune
 
 def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune: FinetuneMode, *, seed: int,
                        baseline: str, device, steps: int = FINETUNE_STEPS, candidates=LR_CANDIDATES,
-                       episodes: int = LR_SEARCH_EPISODES) -> tuple[dict[str, float], dict]:
+                       episodes: int = LR_SEARCH_EPISODES,
+                       progress: Announce | None = None) -> tuple[dict[str, float], dict]:
     """The fine-tuning lr of every domain, chosen on its VALIDATION classes, never on test episodes.
 
     NOTE: the official search runs on 5 of each dataset's test episodes [official: md_few_shot
     find_best_finetune_configs]; we use `episodes` validation episodes per domain (docs/deviations.md).
     A domain without validation classes takes the lr that is best on all validation episodes pooled.
-    Returns ({domain: lr}, the search table for results.json).
+    Returns ({domain: lr}, the search table for results.json). `progress` as in evaluate_model.
     """
     table, protocol = {}, rundir.protocol(cfg, "test")
     for source in sources:
@@ -231,8 +235,9 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
             continue
         val = list(data.evaluation_episodes(source, "val", protocol, episodes, seed, cfg.image_size))
         gates = tested_gates(model, baseline)
-        means = [_accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates)[0].mean().item() * 100
-                 for lr in candidates]
+        tick = progress and progress(f"lr search {source.name}", len(candidates) * len(val))
+        means = [_accuracies(model, val, finetune, lr, baseline, steps, seed, device, gates, tick)[0].mean().item()
+                 * 100 for lr in candidates]
         table[source.name] = [None if math.isnan(m) else m for m in means]  # None: non-finite logits, never chosen
     if not table:
         raise EvaluateError("no domain has validation classes to choose the fine-tuning lr on; "
@@ -933,21 +938,18 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
 
 def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: FinetuneMode, finetune_lr: float | None,
                   baselines: bool, cost: bool, device) -> tuple[list[dict], dict | None, str]:
-    """(results of every run, Pre's results or None, Pre's name), with a progress bar on stderr."""
+    """(results of every run, Pre's results or None, Pre's name), with progress on stderr's terminal."""
     kwargs = dict(episodes=episodes if episodes is not None else runs[0][2].test_episodes, seed=seed,
                   finetune=finetune, finetune_lr=finetune_lr, device=device)
     results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
-    status = Console(stderr=True)
-    columns = Progress.get_default_columns()
-    with Progress(*columns, console=status, transient=True, disable=not status.is_terminal) as bar:
+    with episode_bar(Console(stderr=True)) as bar:
         for run_dir, model, cfg, sources in runs:
             jobs = [("model", run_dir.name)]
             if baselines and pre is None:  # Pre once, from the first run's θ_pre
                 jobs.append(("pretrained", pre_name))
             for baseline, name in jobs:
-                task = bar.add_task(name, total=kwargs["episodes"] * len(sources))
-                result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs,
-                                        progress=lambda _, task=task: bar.advance(task))
+                with Stages(bar, f"{name}: ") as stages:
+                    result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs, progress=stages)
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
                 first = next(data.evaluation_episodes(sources[0], "test", rundir.protocol(cfg, "test"), 1, seed,
@@ -955,6 +957,38 @@ def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: Finetun
                 results[-1]["inference_cost"] = inference_cost(model, first)
             model.cpu()
     return results, pre, pre_name
+
+
+def episode_bar(console: Console) -> Progress:
+    """A progress display for evaluations that vanishes when done; off unless `console` is a terminal
+    (a log file gets the results, not frames of a bar)."""
+    return Progress(*Progress.get_default_columns(), console=console, transient=True, disable=not console.is_terminal)
+
+
+class Stages:
+    """evaluate_model's `progress`: one line of `bar` for the stage under way ("smat: lr search
+    aircraft", then "smat: test aircraft" ...), replacing the last one. `fields` fill the bar's
+    own columns. Used as a context manager, the last stage's line goes at the end."""
+
+    def __init__(self, bar: Progress, prefix: str = "", **fields) -> None:
+        self.bar, self.prefix, self.fields, self.task = bar, prefix, fields, None
+
+    def __call__(self, stage: str, total: int) -> Callable[[], None]:
+        """Start `stage` of `total` episodes; returns the function to call after each episode."""
+        self.close()
+        self.task = self.bar.add_task(self.prefix + stage, total=total, **self.fields)
+        return partial(self.bar.advance, self.task)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+
+    def __enter__(self) -> "Stages":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 if __name__ == "__main__":

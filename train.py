@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import backbone as backbones
@@ -177,13 +178,17 @@ def meta_train(
     console: Console | None = None,
     workers: int | None = None,
     compile_model: bool = False,
+    tensorboard: bool = False,
 ) -> Path:
     """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
     See the module docstring. Every flag and the data are checked before anything is written; the
     run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory).
     `workers` data processes make the episodes (None: `default_workers()`; 0: this process);
-    `compile_model` compiles the backbone's forward (`compile_backbone`). Neither changes the episodes."""
+    `compile_model` compiles the backbone's forward (`compile_backbone`). Neither changes the episodes.
+    `tensorboard` also writes metrics.jsonl's records as TensorBoard scalars into RUN/tensorboard/."""
     console = console or Console(stderr=False)
+    if tensorboard:
+        summary_writer()  # the extra is installed: checked before anything is written
     procs = processes(device, cfg)
     check_stop_after(cfg, stop_after)
     sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
@@ -191,14 +196,14 @@ def meta_train(
     try:
         with claim or nullcontext():
             return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console,
-                                 workers, compile_model)
+                                 workers, compile_model, tensorboard)
     except KeyboardInterrupt:
         raise rundir.Interrupted(interrupted(out_dir, claim, resume)) from None
 
 
 def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
                   resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console,
-                  workers: int | None = None, compile_model: bool = False) -> Path:
+                  workers: int | None = None, compile_model: bool = False, tensorboard: bool = False) -> Path:
     """The run in its claimed directory: resume or start, the loop, the final evaluation."""
     state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
     procs = init_distributed(procs)
@@ -214,7 +219,7 @@ def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None,
                                   count=(run.last_step - run.step) * mine, workers=workers,
                                   pin_memory=procs.device.type == "cuda")
     setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
-    with stream as episodes, Monitor(run, procs.main, console, setting) as monitor:
+    with stream as episodes, Monitor(run, procs.main, console, setting, tensorboard) as monitor:
         while run.step < run.last_step:
             # --- method: a meta-batch of tasks, then one meta-update [SMAT §3.10-3.11] ---
             outputs = []
@@ -237,7 +242,7 @@ def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None,
             if procs.main and monitor.log_due():
                 monitor.log(batch)
             if procs.main and run.validation_due():
-                monitor.validated(validate_and_keep_best(run, id_sources, procs.device))
+                monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
             if procs.main and run.checkpoint_due():
                 save_checkpoint(run)
             if procs.world > 1:
@@ -466,9 +471,9 @@ def save_checkpoint(run: Run) -> None:
                 run.out_dir / "checkpoint.pt")
 
 
-def validate_and_keep_best(run: Run, id_sources: list, device) -> float:
+def validate_and_keep_best(run: Run, id_sources: list, device, progress: evaluate.Announce | None = None) -> float:
     """Validate; a new best is written to best.pt. Returns the validation accuracy."""
-    val = validate(run.model, id_sources, run.cfg, device)
+    val = validate(run.model, id_sources, run.cfg, device, progress)
     if val > run.best_val:
         run.best_val, run.best_episode = val, run.episodes_done
         atomic_save(run.snapshot(), run.out_dir / "best.pt")
@@ -478,17 +483,20 @@ def validate_and_keep_best(run: Run, id_sources: list, device) -> float:
 class Monitor:
     """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
     When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
-    plain line per log step and per validation instead (`plain_line`)."""
+    plain line per log step and per validation instead (`plain_line`). With `tensorboard`, every
+    record also goes to RUN/tensorboard/ as scalars (`tensorboard_scalars`)."""
 
     COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
-    def __init__(self, run: Run, main: bool, console: Console, setting: dict) -> None:
+    def __init__(self, run: Run, main: bool, console: Console, setting: dict, tensorboard: bool = False) -> None:
         self.run, self.file, self.main, self.setting = run, run.out_dir / "metrics.jsonl", main, setting
         self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
         self.started, self.start_episode = time.perf_counter(), run.episodes_done
         self.console, self.plain = console, main and not console.is_terminal
         self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
+        self.stages = evaluate.Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
+        self.board = summary_writer()(str(run.out_dir / "tensorboard")) if tensorboard and main else None
 
     def __enter__(self) -> "Monitor":
         self.bar.__enter__()
@@ -501,6 +509,8 @@ class Monitor:
 
     def __exit__(self, *exc_info) -> None:
         self.bar.__exit__(*exc_info)
+        if self.board is not None:
+            self.board.close()
 
     def log_due(self) -> bool:
         return self.run.step % self.every == 0 or self.run.step == self.run.last_step
@@ -515,6 +525,7 @@ class Monitor:
             self._print(plain_line(run, record))
 
     def validated(self, val: float) -> None:
+        self.stages.close()
         self._append({"episode": self.run.episodes_done, "val_accuracy": val})
         self.bar.update(self.task, description=f"{self.run.cfg.method} (val {val:.1f}%)")
         if self.plain:
@@ -529,6 +540,34 @@ class Monitor:
     def _append(self, record: dict) -> None:
         with open(self.file, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self.board.add_scalar(tag, value, global_step=record["episode"])
+            self.board.flush()  # a crash or Ctrl-C keeps what the curves showed
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as TensorBoard tags: every number under its own name, a per-expert list
+    as NAME/expert_M; `step`, `episode` (the x-axis) and a session's "start" record are not curves."""
+    scalars = {}
+    for key, value in record.items():
+        if key in ("step", "episode", "start"):
+            continue
+        if isinstance(value, list):
+            scalars |= {f"{key}/expert_{m}": float(v) for m, v in enumerate(value)}
+        elif isinstance(value, (int, float)):
+            scalars[key] = float(value)
+    return scalars
+
+
+def summary_writer() -> type:
+    """torch's SummaryWriter, which needs the optional tensorboard package (one RunError line without it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
+                       "or drop --tensorboard (evaluate.py --curves draws metrics.jsonl without it)") from None
+    return SummaryWriter
 
 
 def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
@@ -572,10 +611,10 @@ def short_stats(r: dict) -> str:
     return text + f" {r['episodes_per_second']:.1f} ep/s"
 
 
-def validate(model: SMAT, id_sources: list, cfg: Config, device) -> float:
+def validate(model: SMAT, id_sources: list, cfg: Config, device, progress: evaluate.Announce | None = None) -> float:
     """Zero-shot accuracy on the ID domains' validation classes (fixed episodes), mean over domains."""
     results = evaluate.evaluate_model(model, id_sources, cfg, partition="val", episodes=cfg.val_episodes,
-                                      seed=10_000, device=device)  # fixed validation episodes
+                                      seed=10_000, device=device, progress=progress)  # fixed validation episodes
     return results["id_avg"]
 
 
@@ -584,9 +623,11 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
     ID and OOD domain; write results.json / results.md, then print both with their paired difference."""
     model, cfg, _ = load_run(out_dir, device)
     run = {}
-    for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
-        run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
-                                            seed=0, device=device, baseline=baseline)  # seed 0, as evaluate.py
+    with evaluate.episode_bar(console) as bar:
+        for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
+            with evaluate.Stages(bar, f"{name}: ") as stages:  # seed 0, as evaluate.py
+                run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
+                                                    seed=0, device=device, baseline=baseline, progress=stages)
     evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
     results = evaluate.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
     evaluate.print_table([run["Pre"], run[cfg.method]], ["Pre", cfg.method], console, results["paired"])
@@ -596,45 +637,63 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
 # --- the command line: parse, build a Config, call meta_train ------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-DEFAULTS = Config()  # shown in --help; a flag left out keeps the profile's value (or, with --resume, the run's)
+# --help shows each profile's defaults; a flag left out keeps the profile's value (or, with --resume, the run's)
+PROFILES = {"cpu": Config(), "paper": Config.paper()}
 
 
 def option(*names: str, help: str, field: str | None = None, **kwargs):
-    """A flag that overrides a Config field; --help shows the CPU profile's default."""
-    return typer.Option(*names, help=help, show_default=str(getattr(DEFAULTS, field)) if field else False, **kwargs)
+    """A flag that overrides a Config field; --help shows its default in each profile (`profile_defaults`)."""
+    default = escape(f"[default: {profile_defaults(field)}]") if field else ""  # brackets as text, not markup
+    return typer.Option(*names, help=f"{help} {default}".rstrip(), show_default=False, **kwargs)
+
+
+def profile_defaults(field: str) -> str:
+    """A field's default for --help: "0.9" where the profiles agree, else "cpu 800, paper 50000";
+    then its value under --method pmf where PMF switches it ("1 with --method pmf")."""
+
+    def shown(value) -> str:
+        text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        return text if len(text) <= 40 else text[:36] + "…"  # the paper's ten data sources
+
+    values = {name: shown(getattr(cfg, field)) for name, cfg in PROFILES.items()}
+    text = values["cpu"] if len(set(values.values())) == 1 else ", ".join(f"{k} {v}" for k, v in values.items())
+    if field in smat.PMF_SWITCHES and field != "method":
+        text += f"; {shown(smat.PMF_SWITCHES[field])} with --method pmf"
+    return text
 
 
 @app.command(cls=rundir.OneLineCommand)
 def main(
     sparsity: Annotated[Optional[float], option(help="target fraction of zeros per expert, τ in [0, 1)", field="sparsity")] = None,
-    experts: Annotated[Optional[int], option(help="number of experts (≥ 1)", field="n_experts")] = None,
-    episodes: Annotated[Optional[int], option(help="meta-training episodes (tasks)", field="episodes")] = None,
+    experts: Annotated[Optional[int], option(help=f"number of experts in [1, {smat.MAX_EXPERTS}]", field="n_experts")] = None,
+    episodes: Annotated[Optional[int], option(help="meta-training episodes (tasks), a multiple of the meta-batch", field="episodes")] = None,
     method: Annotated[Optional[smat.Method], option(help="smat, or pmf (dense ProtoNet meta-tuning)", field="method")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/METHOD-TIME)")] = None,
-    seed: Annotated[Optional[int], option(help="random seed", field="seed")] = None,
+    seed: Annotated[Optional[int], option(help=f"random seed in [0, {smat.MAX_SEED}]", field="seed")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     data_spec: Annotated[Optional[str], option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood", field="data")] = None,
     backbone: Annotated[Optional[str], option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file", field="backbone")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
-    profile: Annotated[Optional[Literal["cpu", "paper"]], typer.Option(help="cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset)", show_default="cpu")] = None,
+    profile: Annotated[Optional[Literal["cpu", "paper"]], typer.Option(help=escape("cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset) [default: cpu]"))] = None,
     teacher: Annotated[Optional[bool], option("--teacher/--no-teacher", help="dense teacher + distillation", field="teacher")] = None,
     kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model", field="kl_to_pretrained")] = None,
     kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
     mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)", field="mask_sampling")] = None,
     constraint_gates: Annotated[Optional[smat.ConstraintGates], option(help="the gates ŝ ≥ τ counts: test (the evaluated model's) or sampled (the paper's)", field="constraint_gates")] = None,
     precision: Annotated[Optional[smat.Precision], option(help="GPU autocast: auto = bf16 where the card has it, else fp16 with a loss scaler (CPU runs in fp32)", field="precision")] = None,
-    test_episodes: Annotated[Optional[int], option(help="test episodes per domain", field="test_episodes")] = None,
-    val_episodes: Annotated[Optional[int], option(help="validation episodes per ID domain", field="val_episodes")] = None,
-    checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints", field="checkpoint_every")] = None,
-    stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes, resumable")] = None,
+    test_episodes: Annotated[Optional[int], option(help="test episodes per domain (≥ 2)", field="test_episodes")] = None,
+    val_episodes: Annotated[Optional[int], option(help="validation episodes per ID domain (≥ 2)", field="val_episodes")] = None,
+    checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints (≥ 1)", field="checkpoint_every")] = None,
+    stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes (a multiple of the meta-batch), resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", help="JSON or TOML file of Config fields (a run's config.json works); under --set and the flags")] = None,
     settings: Annotated[Optional[list[str]], typer.Option(
         "--set", help="KEY=VALUE for any Config field, e.g. --set inner_lr=0.01 (repeatable); under the named flags")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help=escape("data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]"))] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles; turns shape checks off)")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (needs the tensorboard extra)")] = False,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
@@ -653,7 +712,7 @@ def main(
 
             jaxtyping.config.update("jaxtyping_disable", True)
         meta_train(cfg, resume or out, device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
-                   stop_after=stop_after, workers=workers, compile_model=compile_model)
+                   stop_after=stop_after, workers=workers, compile_model=compile_model, tensorboard=tensorboard)
     except rundir.USER_ERRORS as error:
         fail(str(error))
     except NonFiniteLoss as error:

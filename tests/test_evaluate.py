@@ -3,6 +3,7 @@ search on validation classes, expert statistics, pictures and the command line, 
 small in-memory domains the tests draw themselves."""
 
 import dataclasses
+import io
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
@@ -239,6 +241,38 @@ def test_the_lr_search_reads_validation_episodes_only(monkeypatch):
     results = run(model, episodes=2, finetune="full", finetune_steps=2)
     assert requested == ["val", "val", "test", "test"]  # the search ends before any test episode
     assert results["domains"]["glyphs"]["finetune_lr"] == results["finetune_lr_search"]["chosen"]["glyphs"]
+
+
+def test_an_evaluation_announces_each_stage_and_ticks_once_per_episode():
+    announced, ticks = [], []
+
+    def progress(stage: str, total: int):
+        announced.append((stage, total))
+        return lambda: ticks.append(stage)
+
+    run(episodes=2, finetune="full", finetune_steps=1, progress=progress)
+
+    search = len(evaluate.LR_CANDIDATES) * evaluate.LR_SEARCH_EPISODES
+    assert announced == [("lr search glyphs", search), ("lr search rosettes", search),
+                         ("test glyphs", 2), ("test rosettes", 2)]
+    assert [ticks.count(stage) for stage, _ in announced] == [total for _, total in announced]
+
+
+def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_nothing_elsewhere():
+    def draw(terminal: bool) -> str:
+        console = Console(file=io.StringIO(), force_terminal=terminal, width=100)
+        with evaluate.episode_bar(console) as bar, evaluate.Stages(bar, "smat: ") as stages:
+            for stage in ("lr search glyphs", "test glyphs"):
+                tick = stages(stage, 3)
+                tick()
+                assert [task.description for task in bar.tasks] == [f"smat: {stage}"]  # the last one replaced
+                assert bar.tasks[0].completed == 1 and bar.tasks[0].total == 3
+            bar.refresh()
+        assert not bar.tasks  # the last line goes with the stages
+        return console.file.getvalue()
+
+    assert "smat: test glyphs" in draw(terminal=True)
+    assert draw(terminal=False) == ""  # a log file gets results, not frames of a bar
 
 
 def test_ties_in_the_lr_search_go_to_lr_zero():

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
@@ -194,6 +196,53 @@ def test_a_run_whose_output_is_not_a_terminal_prints_one_plain_line_per_log_step
     assert "━" not in result.stdout  # no frame of a progress bar
 
 
+def test_in_a_terminal_validation_and_the_final_test_show_their_progress(assets, tmp_path):
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+
+    train.meta_train(small_config(assets), tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache",
+                     console=console)
+
+    shown = console.file.getvalue()
+    assert all(stage in shown for stage in ("smat: val alpha", "smat: test alpha", "smat: test beta",
+                                            "Pre: test alpha", "Pre: test beta"))
+
+
+def test_tensorboard_gets_every_number_of_metrics_jsonl_at_its_episode(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache",
+                           evaluate_at_end=False, tensorboard=True)
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = {(tag, r["episode"]): value for r in records for tag, value in train.tensorboard_scalars(r).items()}
+    written = {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
+    assert written.keys() == expected.keys()
+    assert all(written[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+    assert {"loss", "val_accuracy", "sparsity/expert_1", "router_entropy"} <= {tag for tag, _ in written}
+
+
+def test_tensorboard_scalars_name_each_expert_and_skip_the_axis_and_session_records():
+    record = {"step": 3, "episode": 12, "loss": 1.5, "sparsity": [0.5, 0.75], "episodes_per_second": 2}
+
+    assert train.tensorboard_scalars(record) == {"loss": 1.5, "sparsity/expert_0": 0.5,
+                                                 "sparsity/expert_1": 0.75, "episodes_per_second": 2.0}
+    assert train.tensorboard_scalars({"episode": 0, "start": {"device": "cpu"}}) == {}
+
+
+def test_tensorboard_without_its_package_is_one_line_and_nothing_is_written(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
+
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--tensorboard", "--out", str(tmp_path / "never")])
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e '.[tensorboard]'" in lines[0]
+    assert not (tmp_path / "never").exists()
+
+
 # --- --config FILE and --set KEY=VALUE ---------------------------------------------------------------------
 
 
@@ -248,10 +297,22 @@ def test_bad_config_files_and_settings_are_one_line_and_nothing_is_written(flags
     assert not (tmp_path / "never").exists()
 
 
-def test_train_help_lists_config_and_set():
-    text = CliRunner().invoke(train.app, ["--help"], env={"COLUMNS": "200"}).output
+def test_train_help_lists_config_set_and_tensorboard_and_every_default_in_brackets():
+    text = CliRunner().invoke(train.app, ["--help"], env={"COLUMNS": "250"}).output
 
-    assert "--config" in text and "--set" in text
+    assert "--config" in text and "--set" in text and "--tensorboard" in text
+    shown = f"[default: {train.profile_defaults('episodes')}]"  # brackets survive rich's markup
+    assert shown in text and "[default: CPUs - 1, at most 16]" in text
+
+
+def test_help_defaults_name_each_profile_where_they_differ_and_what_pmf_switches():
+    cpu, paper = Config(), Config.paper()
+
+    assert train.profile_defaults("sparsity") == str(cpu.sparsity)  # the same in both profiles
+    assert train.profile_defaults("episodes") == f"cpu {cpu.episodes}, paper {paper.episodes}"
+    assert train.profile_defaults("n_experts") == f"{cpu.n_experts}; 1 with --method pmf"
+    assert train.profile_defaults("teacher") == "on; off with --method pmf"
+    assert len(train.profile_defaults("data")) < 60  # the paper's ten sources, shortened
 
 
 def test_precision_auto_is_bf16_on_cards_with_native_bf16_else_fp16_and_fp32_on_cpu(monkeypatch):
