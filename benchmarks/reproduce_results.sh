@@ -13,6 +13,9 @@
 # 4. real glyphs: a tree of real font renderings (benchmarks/make_glyph_check.py, never seen in
 #    pretraining or meta-training) as OOD test domains for every run of 1, 2 and 3, GLYPH_EPISODES per
 #    domain, written to $OUT/glyphs/<run>/ (the runs' own results stay untouched).
+# 5. full fine-tuning [SMAT §5.2]: PMF and SMAT of each seed of 1, and Pre, each fine-tuned on every
+#    test episode's support set (lr chosen per domain on validation episodes), on the first
+#    FINETUNE_EPISODES test episodes per domain, written to $OUT/finetune/<run>/.
 # Rerunning skips finished runs and evaluations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,7 @@ JOBS=${JOBS:-2}
 PYTHON=${PYTHON:-python}
 SWEEP_EPISODES=${SWEEP_EPISODES:-200}
 GLYPH_EPISODES=${GLYPH_EPISODES:-600}
+FINETUNE_EPISODES=${FINETUNE_EPISODES:-100}
 SEEDS=${SEEDS:-"0 1 2"}
 # one thread per job: 2 jobs fill 2 cores without contention; wide tables in the logs
 export OMP_NUM_THREADS=1 JAXTYPING_DISABLE=1 COLUMNS=200
@@ -39,7 +43,13 @@ glyphs() {  # glyphs RUN: the run on the real-glyph domains, results in $OUT/gly
   "$PYTHON" evaluate.py "$OUT/$run" --data "folder:$OUT/glyph_check@ood" --episodes "$GLYPH_EPISODES" \
     --out "$OUT/glyphs" > "$OUT/glyphs-$run.log" 2>&1
 }
-export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
+finetune() {  # finetune SEED: PMF and SMAT of the seed (and Pre) fine-tuned, results in $OUT/finetune/<run>/
+  local seed=$1
+  compgen -G "$OUT/finetune/smat-seed$seed/results-full-*.json" > /dev/null && return 0
+  "$PYTHON" evaluate.py "$OUT/pmf-seed$seed" "$OUT/smat-seed$seed" --finetune full \
+    --test-episodes "$FINETUNE_EPISODES" --out "$OUT/finetune" > "$OUT/finetune-seed$seed.log" 2>&1
+}
+export -f train glyphs finetune; export OUT PYTHON GLYPH_EPISODES FINETUNE_EPISODES
 
 {
   for seed in $SEEDS; do
@@ -66,4 +76,6 @@ export -f train glyphs; export OUT PYTHON GLYPH_EPISODES
     echo "smat-nokl-seed$seed"; echo "smat-noteacher-seed$seed"; echo "pmf-lr0.02-seed$seed"
   done
 } | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
-echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results-zeroshot-*.json"
+for seed in $SEEDS; do echo "$seed"; done | xargs -P "$JOBS" -L 1 bash -c 'finetune "$@"' _
+echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results-zeroshot-*.json;"\
+  "fine-tuned: $OUT/finetune/<run>/results-full-*.json"

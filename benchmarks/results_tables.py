@@ -22,6 +22,7 @@ import evaluate  # noqa: E402  (the repository root is on the path only now)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
 SWEEP = (0.5, 0.7, 0.9, 0.95)
 GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
+FINETUNE_RESULTS = "results-full-*.json"
 
 
 def load(path: Path) -> dict:
@@ -58,13 +59,14 @@ def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
     return f"{statistics.fmean(differences):+.2f} ± {half:.2f} (seeds: {cells})"
 
 
-def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: str) -> str:
-    """Pre, PMF, SMAT (seed means) per domain, and the paired differences."""
+def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: str, mode: str = "") -> str:
+    """Pre, PMF, SMAT (seed means) per domain, and the paired differences; `mode` names a fine-tuning
+    ("+full") that all three had."""
     pmf_mean, smat_mean = evaluate.average_runs(list(pmf.values())), evaluate.average_runs(list(smat.values()))
     differences = {"SMAT − PMF": evaluate.paired_difference(smat_mean, pmf_mean),
                    "SMAT − Pre": evaluate.paired_difference(smat_mean, pre),
                    "PMF − Pre": evaluate.paired_difference(pmf_mean, pre)}
-    names = ["Pre", f"PMF ({len(pmf)} seeds)", f"SMAT ({len(smat)} seeds)"]
+    names = [f"Pre{mode}", f"PMF{mode} ({len(pmf)} seeds)", f"SMAT{mode} ({len(smat)} seeds)"]
     text = f"#### {title}\n\n" + evaluate.markdown_table([pre, pmf_mean, smat_mean], names, differences)
     rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
             "|---|---:|---:|---:|"]
@@ -76,6 +78,16 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
     first_domain = next(iter(pre["domains"].values()))
     return (text + "\n".join(rows) + f"\n\n{first_domain['episodes']} test episodes per domain, "
             f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
+
+
+def finetune_lrs(families: dict[str, dict[int, dict]]) -> str:
+    """How often each candidate lr was chosen on validation episodes, over domains and seeds."""
+    candidates = next(iter(next(iter(families.values())).values()))["finetune_lr_search"]["candidates"]
+    rows = ["| model | " + " | ".join(f"lr {c:g}" for c in candidates) + " |", "|---|" + "---:|" * len(candidates)]
+    for name, runs in families.items():
+        chosen = [lr for r in runs.values() for lr in r["finetune_lr_search"]["chosen"].values()]
+        rows.append(f"| {name} | " + " | ".join(str(chosen.count(c)) for c in candidates) + " |")
+    return "Fine-tuning lr chosen on validation episodes (count over domains and seeds):\n\n" + "\n".join(rows) + "\n"
 
 
 def sparsity_rows(runs: dict[int, dict]) -> str:
@@ -174,6 +186,12 @@ def main() -> None:
     if glyph_smat and glyph_pmf:
         glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
         print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
+    tuned_pmf = seeds_of(root / "finetune", "pmf", FINETUNE_RESULTS)
+    tuned_smat = seeds_of(root / "finetune", "smat", FINETUNE_RESULTS)
+    if tuned_smat and tuned_pmf:
+        tuned_pre = next(iter(tuned_smat.values()))["baselines"]["Pre+full"]
+        print(comparison(tuned_pre, tuned_pmf, tuned_smat, "Embedded benchmark, full fine-tuning", "+full"))
+        print(finetune_lrs({"Pre+full": {0: tuned_pre}, "PMF+full": tuned_pmf, "SMAT+full": tuned_smat}))
     families = {"SMAT (τ = 0.9)": "smat", "SMAT without the KL to Pre": "smat-nokl",
                 "SMAT without the teacher": "smat-noteacher", "SMAT τ = 0.5": "smat-s0.5",
                 "PMF (δ lr 0.05)": "pmf", "PMF, δ lr 0.02": "pmf-lr0.02"}
