@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, replace
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -938,17 +938,19 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
 
 def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: FinetuneMode, finetune_lr: float | None,
                   baselines: bool, cost: bool, device) -> tuple[list[dict], dict | None, str]:
-    """(results of every run, Pre's results or None, Pre's name), with progress on stderr's terminal."""
+    """(results of every run, Pre's results or None, Pre's name), with progress on stderr: a bar on a
+    terminal, else a line per finished stage."""
     kwargs = dict(episodes=episodes if episodes is not None else runs[0][2].test_episodes, seed=seed,
                   finetune=finetune, finetune_lr=finetune_lr, device=device)
     results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
-    with episode_bar(Console(stderr=True)) as bar:
+    status = Console(stderr=True)
+    with episode_bar(status) as bar:
         for run_dir, model, cfg, sources in runs:
             jobs = [("model", run_dir.name)]
             if baselines and pre is None:  # Pre once, from the first run's θ_pre
                 jobs.append(("pretrained", pre_name))
             for baseline, name in jobs:
-                with Stages(bar, f"{name}: ") as stages:
+                with Stages(bar, f"{name}: ", log=None if status.is_terminal else status) as stages:
                     result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs, progress=stages)
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
@@ -967,28 +969,39 @@ def episode_bar(console: Console) -> Progress:
 
 class Stages:
     """evaluate_model's `progress`: one line of `bar` for the stage under way ("smat: lr search
-    aircraft", then "smat: test aircraft" ...), replacing the last one. `fields` fill the bar's
-    own columns. Used as a context manager, the last stage's line goes at the end."""
+    aircraft", then "smat: test aircraft" ...), replacing the last one; `fields` fill the bar's own
+    columns. Where there is no bar (a batch job's log), give `log`: each finished stage is then one
+    plain line there. Used as a context manager, the last stage ends with the block."""
 
-    def __init__(self, bar: Progress, prefix: str = "", **fields) -> None:
-        self.bar, self.prefix, self.fields, self.task = bar, prefix, fields, None
+    def __init__(self, bar: Progress, prefix: str = "", log: Console | None = None, **fields) -> None:
+        self.bar, self.prefix, self.log, self.fields = bar, prefix, log, fields
+        self.task, self.stage, self.done, self.started = None, "", 0, 0.0
 
     def __call__(self, stage: str, total: int) -> Callable[[], None]:
         """Start `stage` of `total` episodes; returns the function to call after each episode."""
         self.close()
         self.task = self.bar.add_task(self.prefix + stage, total=total, **self.fields)
-        return partial(self.bar.advance, self.task)
+        self.stage, self.done, self.started = stage, 0, time.perf_counter()
+        return self._tick
 
-    def close(self) -> None:
-        if self.task is not None:
-            self.bar.remove_task(self.task)
-            self.task = None
+    def _tick(self) -> None:
+        self.done += 1
+        self.bar.advance(self.task)
+
+    def close(self, finished: bool = True) -> None:
+        if self.task is None:
+            return
+        if finished and self.log is not None:
+            rundir.print_line(self.log, f"{self.prefix}{self.stage}: {self.done} episodes in "
+                                        f"{time.perf_counter() - self.started:.0f} s")
+        self.bar.remove_task(self.task)
+        self.task = None
 
     def __enter__(self) -> "Stages":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, error_type, *_) -> None:
+        self.close(finished=error_type is None)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ train.py -> evaluate.py -> rundir.py -> smat.py, data.py, backbone.py.
 
 import codecs
 import dataclasses
+import difflib
 import fcntl
 import io
 import json
@@ -334,7 +335,8 @@ def check_fields(cls: type, values: object, where: str, complete: bool = True) -
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in values if k not in fields)
     if unknown:
-        raise RunError(f"{where} has unknown keys {unknown[:5]}; valid keys are the fields of {cls.__name__}")
+        raise RunError(f"{where} has unknown keys {unknown[:5]}; valid keys are the fields of {cls.__name__}"
+                       + closest_field(unknown[0], list(fields)))
     missing = [n for n, f in fields.items() if n not in values and (complete or f.default is dataclasses.MISSING)]
     if missing:
         raise RunError(f"{where} lacks the keys {missing[:5]}; it was not written by this version of train.py")
@@ -662,6 +664,20 @@ def _ascii_char(char: str) -> str:
                                         name.split()[-1].lower() if " LETTER " in name else "?")
 
 
+def closest_field(key: str, names: list[str]) -> str:
+    """ " (did you mean n_experts?)" for a key close to a field's name (`experts`, `inner-lr`), else ""."""
+    spelled = key.replace("-", "_").lower()
+    close = [n for n in names if n == spelled or n.endswith("_" + spelled)] or difflib.get_close_matches(spelled, names, 1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def print_line(console, line: str) -> None:
+    """One whole line on a rich Console, never wrapped or styled (a log file reads it as written);
+    ASCII where the stream cannot encode more (PYTHONIOENCODING=ascii: no λ, ±)."""
+    text = to_ascii if console.options.ascii_only else str
+    console.print(text(line), markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
 def to_ascii(text: str) -> str:
     return "".join(map(_ascii_char, text))
 
@@ -676,12 +692,12 @@ def _ascii_errors(error: UnicodeError):
 codecs.register_error("smat-ascii", _ascii_errors)
 
 
-class Stdout:
-    """sys.stdout for the command lines, wrapped so that printing never costs finished work: once the
-    reader has gone (`| head` closed the pipe) or the device is full (`>/dev/full`), output is
-    dropped (the stream now points at /dev/null, so the interpreter's last flush succeeds too) and
-    the command goes on to its exit code; a character the stream cannot encode (PYTHONIOENCODING=ascii)
-    is written in ASCII (the "smat-ascii" handler)."""
+class OutputStream:
+    """sys.stdout and sys.stderr for the command lines (stderr carries evaluate.py's progress lines),
+    wrapped so that printing never costs finished work: once the reader has gone (`| head` closed the
+    pipe) or the device is full (`>/dev/full`), output is dropped (the stream now points at /dev/null,
+    so the interpreter's last flush succeeds too) and the command goes on to its exit code; a
+    character the stream cannot encode (PYTHONIOENCODING=ascii) is written in ASCII ("smat-ascii")."""
 
     def __init__(self, stream) -> None:
         self._stream, self.lost = stream, False
@@ -720,9 +736,10 @@ class Stdout:
 
 def run_cli(application: typer.Typer) -> None:
     """Run a Typer app from the shell: its exit code (2 for bad input, through `fail` and
-    OneLineCommand; 130 on Ctrl-C), with stdout wrapped (Stdout) so that a closed pipe, a full disk
-    or an ASCII-only terminal never turns finished work into a failure."""
-    sys.stdout = Stdout(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
+    OneLineCommand; 130 on Ctrl-C), with stdout and stderr wrapped (OutputStream) so that a closed
+    pipe, a full disk or an ASCII-only terminal never turns finished work into a failure."""
+    sys.stdout = OutputStream(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
+    sys.stderr = OutputStream(sys.stderr if sys.stderr is not None else open(os.devnull, "w"))
     try:
         code = application(standalone_mode=False)
     except typer.Abort:  # Ctrl-C while click parses the flags

@@ -533,9 +533,7 @@ class Monitor:
             self._print(f"{self.run.cfg.method} episode {self.run.episodes_done}/{total} validation accuracy {val:.2f}%")
 
     def _print(self, line: str) -> None:
-        """One whole line, never wrapped or styled (a log file reads it as written)."""
-        text = rundir.to_ascii if self.console.options.ascii_only else str  # PYTHONIOENCODING=ascii: no λ, ±
-        self.console.print(text(line), markup=False, highlight=False, soft_wrap=True, emoji=False)
+        rundir.print_line(self.console, line)
 
     def _append(self, record: dict) -> None:
         with open(self.file, "a") as f:
@@ -625,7 +623,8 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
     run = {}
     with evaluate.episode_bar(console) as bar:
         for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
-            with evaluate.Stages(bar, f"{name}: ") as stages:  # seed 0, as evaluate.py
+            log = None if console.is_terminal else console  # a batch job's log: a line per finished domain
+            with evaluate.Stages(bar, f"{name}: ", log=log) as stages:  # seed 0, as evaluate.py
                 run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
                                                     seed=0, device=device, baseline=baseline, progress=stages)
     evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
@@ -762,7 +761,7 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
             raise RunError(f"--set {setting!r}: use KEY=VALUE with a Config field as KEY, e.g. --set inner_lr=0.01")
         if key not in fields:
             raise RunError(f"--set {key}: unknown Config field; valid keys are the fields of smat.Config "
-                           f"(e.g. {', '.join(list(fields)[:6])} ...)")
+                           f"(e.g. {', '.join(list(fields)[:6])} ...)" + rundir.closest_field(key, list(fields)))
         kind = fields[key]
         try:
             if kind is bool:

@@ -275,6 +275,21 @@ def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_nothing_
     assert draw(terminal=False) == ""  # a log file gets results, not frames of a bar
 
 
+def test_without_a_bar_each_finished_stage_is_one_plain_line_and_a_failed_one_none():
+    log = Console(file=io.StringIO(), force_terminal=False, width=40)
+    with evaluate.episode_bar(log) as bar:
+        with evaluate.Stages(bar, "pmf: ", log=log) as stages:
+            for _ in range(3):
+                stages("lr search a very long domain name", 2)()
+        with pytest.raises(RuntimeError), evaluate.Stages(bar, "pmf: ", log=log) as stages:
+            stages("test b", 4)()
+            raise RuntimeError("an episode failed")
+
+    lines = log.file.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.startswith("pmf: lr search a very long domain name: 1 episodes in ")
+                                   for line in lines)  # whole lines, never wrapped at 40 columns
+
+
 def test_ties_in_the_lr_search_go_to_lr_zero():
     model = make_model()
     # With 0 steps every candidate predicts exactly as zero-shot, so every accuracy ties.
@@ -480,6 +495,8 @@ def test_cli_evaluates_several_runs_into_one_table_and_writes_their_results(runs
     assert smat_results["domains"]["glyphs"]["episodes"] == 2  # the run's test_episodes
     assert (runs / "smat-run" / "mask_overlap.png").is_file() and (runs / "sweep.png").is_file()
     assert not (runs / "pmf-run" / "mask_overlap.png").exists()
+    for stage in ("smat-run: test glyphs", "Pre: test rosettes", "pmf-run: test rosettes"):  # no terminal:
+        assert f"{stage}: 2 episodes in " in result.stderr  # a plain line per finished stage on stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "not-a-run", "bad-checkpoint", "other-config", "bad-flag",

@@ -790,10 +790,11 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_episode_0_to_the
 
 
 @pytest.mark.parametrize("stream", ["closed pipe", "full device", "ascii only"])
-def test_a_closed_or_full_stdout_or_an_ascii_terminal_never_costs_the_evaluation(assets, tmp_path, monkeypatch,
+def test_a_closed_or_full_output_or_an_ascii_terminal_never_costs_the_evaluation(assets, tmp_path, monkeypatch,
                                                                                   stream):
-    """evaluate.py as the shell runs it (rundir.run_cli), its stdout `| head` that has stopped reading,
-    `>/dev/full` or an ASCII-only stream (PYTHONIOENCODING=ascii): exit code 0 and the results written."""
+    """evaluate.py as the shell runs it (rundir.run_cli), its stdout and stderr `2>&1 | head` that has
+    stopped reading, `>/dev/full` or an ASCII-only stream (PYTHONIOENCODING=ascii): exit code 0 and the
+    results written."""
     run, buffer = copy_run(assets, tmp_path / "run"), io.BytesIO()
     if stream == "closed pipe":
         read_end, write_end = os.pipe()
@@ -802,6 +803,7 @@ def test_a_closed_or_full_stdout_or_an_ascii_terminal_never_costs_the_evaluation
     else:
         out = open("/dev/full", "w") if stream == "full device" else io.TextIOWrapper(buffer, encoding="ascii")
     monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", out)  # where the progress lines go, as `2>&1 | head`
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run), "--episodes", "2", "--device", "cpu"])
 
     with pytest.raises(SystemExit) as exit:

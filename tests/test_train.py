@@ -143,6 +143,8 @@ def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert results["domains"]["beta"]["split"] == "ood" and results["domains"]["alpha"]["episodes"] == 2
+    for stage in ("smat: test alpha", "Pre: test beta"):  # no terminal: a line per finished test domain
+        assert f"{stage}: 2 episodes in " in result.stdout
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -275,6 +277,9 @@ def test_config_and_set_reach_the_run_and_named_flags_win(assets, tmp_path):
 
 @pytest.mark.parametrize("flags, files, words", [
     (["--set", "no_such_field=1"], {}, "--set no_such_field: unknown Config field"),
+    (["--set", "experts=4"], {}, "unknown Config field; valid keys are the fields of smat.Config (e.g. method"),
+    (["--set", "experts=4"], {}, "(did you mean n_experts?)"),
+    (["--config", "c.json"], {"c.json": '{"inner-lr": 0.1}'}, "(did you mean inner_lr?)"),
     (["--set", "inner_lr"], {}, "use KEY=VALUE"),
     (["--set", "n_experts=two"], {}, "--set n_experts=two: not a valid int"),
     (["--set", "method=maml"], {}, "method = \"maml\" is not valid; it must be one of smat, pmf"),
