@@ -950,7 +950,7 @@ def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: Finetun
             if baselines and pre is None:  # Pre once, from the first run's θ_pre
                 jobs.append(("pretrained", pre_name))
             for baseline, name in jobs:
-                with Stages(bar, f"{name}: ", log=None if status.is_terminal else status) as stages:
+                with Stages(bar, f"{name}: ", log=status) as stages:
                     result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs, progress=stages)
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
@@ -970,8 +970,8 @@ def episode_bar(console: Console) -> Progress:
 class Stages:
     """evaluate_model's `progress`: one line of `bar` for the stage under way ("smat: lr search
     aircraft", then "smat: test aircraft" ...), replacing the last one; `fields` fill the bar's own
-    columns. Where there is no bar (a batch job's log), give `log`: each finished stage is then one
-    plain line there. Used as a context manager, the last stage ends with the block."""
+    columns. Where the bar is off (a batch job's log), each finished stage is one plain line on `log`
+    if given. Used as a context manager, the last stage ends with the block."""
 
     def __init__(self, bar: Progress, prefix: str = "", log: Console | None = None, **fields) -> None:
         self.bar, self.prefix, self.log, self.fields = bar, prefix, log, fields
@@ -991,7 +991,7 @@ class Stages:
     def close(self, finished: bool = True) -> None:
         if self.task is None:
             return
-        if finished and self.log is not None:
+        if finished and self.log is not None and self.bar.disable:
             rundir.print_line(self.log, f"{self.prefix}{self.stage}: {self.done} episodes in "
                                         f"{time.perf_counter() - self.started:.0f} s")
         self.bar.remove_task(self.task)

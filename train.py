@@ -623,8 +623,7 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
     run = {}
     with evaluate.episode_bar(console) as bar:
         for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
-            log = None if console.is_terminal else console  # a batch job's log: a line per finished domain
-            with evaluate.Stages(bar, f"{name}: ", log=log) as stages:  # seed 0, as evaluate.py
+            with evaluate.Stages(bar, f"{name}: ", log=console) as stages:  # seed 0, as evaluate.py
                 run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
                                                     seed=0, device=device, baseline=baseline, progress=stages)
     evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})

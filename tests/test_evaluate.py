@@ -258,10 +258,10 @@ def test_an_evaluation_announces_each_stage_and_ticks_once_per_episode():
     assert [ticks.count(stage) for stage, _ in announced] == [total for _, total in announced]
 
 
-def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_nothing_elsewhere():
+def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_no_bar_elsewhere():
     def draw(terminal: bool) -> str:
         console = Console(file=io.StringIO(), force_terminal=terminal, width=100)
-        with evaluate.episode_bar(console) as bar, evaluate.Stages(bar, "smat: ") as stages:
+        with evaluate.episode_bar(console) as bar, evaluate.Stages(bar, "smat: ", log=console) as stages:
             for stage in ("lr search glyphs", "test glyphs"):
                 tick = stages(stage, 3)
                 tick()
@@ -271,8 +271,9 @@ def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_nothing_
         assert not bar.tasks  # the last line goes with the stages
         return console.file.getvalue()
 
-    assert "smat: test glyphs" in draw(terminal=True)
-    assert draw(terminal=False) == ""  # a log file gets results, not frames of a bar
+    shown = draw(terminal=True)
+    assert "smat: test glyphs" in shown and "episodes in" not in shown  # the bar, no plain lines
+    assert "━" not in draw(terminal=False)  # a log file gets plain lines, not frames of a bar
 
 
 def test_without_a_bar_each_finished_stage_is_one_plain_line_and_a_failed_one_none():
