@@ -80,6 +80,18 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
             f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
 
 
+def finetune_gains(families: dict[str, tuple[dict[int, dict], dict[int, dict]]]) -> str:
+    """What fine-tuning adds to each model: fine-tuned − zero-shot, seed means, paired on the episodes
+    the fine-tuned runs were tested on (the first n of the zero-shot runs' episodes)."""
+    rows = ["| model | ID: +full − zero-shot | OOD: +full − zero-shot |", "|---|---:|---:|"]
+    for name, (zero_shot, tuned) in families.items():
+        tuned_mean = evaluate.average_runs(list(tuned.values()))
+        n = next(iter(tuned_mean["domains"].values()))["episodes"]
+        gain = evaluate.paired_difference(tuned_mean, evaluate.average_runs([first(r, n) for r in zero_shot.values()]))
+        rows.append(f"| {name} | {evaluate.difference_cell(gain['id_avg'])} | {evaluate.difference_cell(gain['ood_avg'])} |")
+    return "Gain from fine-tuning (paired 95% CIs):\n\n" + "\n".join(rows) + "\n"
+
+
 def finetune_lrs(families: dict[str, dict[int, dict]]) -> str:
     """How often each candidate lr was chosen on validation episodes, over domains and seeds."""
     candidates = next(iter(next(iter(families.values())).values()))["finetune_lr_search"]["candidates"]
@@ -191,6 +203,7 @@ def main() -> None:
     if tuned_smat and tuned_pmf:
         tuned_pre = next(iter(tuned_smat.values()))["baselines"]["Pre+full"]
         print(comparison(tuned_pre, tuned_pmf, tuned_smat, "Embedded benchmark, full fine-tuning", "+full"))
+        print(finetune_gains({"Pre": ({0: pre}, {0: tuned_pre}), "PMF": (pmf, tuned_pmf), "SMAT": (smat, tuned_smat)}))
         print(finetune_lrs({"Pre+full": {0: tuned_pre}, "PMF+full": tuned_pmf, "SMAT+full": tuned_smat}))
     families = {"SMAT (τ = 0.9)": "smat", "SMAT without the KL to Pre": "smat-nokl",
                 "SMAT without the teacher": "smat-noteacher", "SMAT τ = 0.5": "smat-s0.5",

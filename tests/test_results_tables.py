@@ -53,11 +53,11 @@ def write_tree(root: Path) -> dict:
             tuned = results(seed, level + 0.1, "full") | {"baselines": {"Pre+full": tuned_pre}}
             (root / "finetune" / run.name).mkdir(parents=True)
             (root / "finetune" / run.name / "results-full-5w5s15q-embedded-seed0-12ep.json").write_text(json.dumps(tuned))
-            made[(method, seed)] = tuned
+            made[(method, seed)], made[(method, seed, "zero-shot")] = tuned, zero_shot
     return made | {"Pre+full": tuned_pre}
 
 
-def test_the_fine_tuning_table_holds_seed_means_their_paired_differences_and_the_chosen_lrs(tmp_path):
+def test_the_fine_tuning_tables_hold_seed_means_paired_differences_gains_and_the_chosen_lrs(tmp_path):
     made = write_tree(tmp_path)
 
     shown = subprocess.run([sys.executable, "benchmarks/results_tables.py", str(tmp_path)], cwd=ROOT,
@@ -69,5 +69,7 @@ def test_the_fine_tuning_table_holds_seed_means_their_paired_differences_and_the
     pmf = evaluate.average_runs([made[("pmf", 0)], made[("pmf", 1)]])
     assert evaluate.difference_cell(evaluate.paired_difference(smat, pmf)["ood_avg"]) in section
     assert evaluate.difference_cell(evaluate.paired_difference(smat, made["Pre+full"])["id_avg"]) in section
+    gain = evaluate.paired_difference(smat, evaluate.average_runs([made[("smat", s, "zero-shot")] for s in (0, 1)]))
+    assert f"| SMAT | {evaluate.difference_cell(gain['id_avg'])} | {evaluate.difference_cell(gain['ood_avg'])} |" in section
     # SMAT seed 0 chose candidates 0 and 1, seed 1 candidates 1 and 2; Pre (seed 9) 4 and 0 (see `results`)
     assert "| SMAT+full | 1 | 2 | 1 | 0 | 0 |" in section and "| Pre+full | 1 | 0 | 0 | 0 | 1 |" in section
