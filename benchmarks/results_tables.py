@@ -80,6 +80,22 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
             f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
 
 
+def fine_tuned(folder: Path, title: str, zero_shot: dict[str, dict[int, dict]]) -> str:
+    """The "+full" table of the PMF and SMAT runs fine-tuned into `folder` (with Pre+full), what
+    fine-tuning added to each of the `zero_shot` models, and the lrs used; "" if there are none."""
+    pmf, smat = seeds_of(folder, "pmf", FINETUNE_RESULTS), seeds_of(folder, "smat", FINETUNE_RESULTS)
+    if not (pmf and smat):
+        return ""
+    pre = next(iter(smat.values()))["baselines"]["Pre+full"]
+    tuned = {"Pre": {0: pre}, "PMF": pmf, "SMAT": smat}
+    text = (comparison(pre, pmf, smat, title, "+full") + "\n"
+            + finetune_gains({name: (zero_shot[name], runs) for name, runs in tuned.items()}) + "\n")
+    if "finetune_lr_search" in pre:
+        return text + finetune_lrs({f"{name}+full": runs for name, runs in tuned.items()})
+    lrs = {d["finetune_lr"] for runs in tuned.values() for r in runs.values() for d in r["domains"].values()}
+    return text + f"Fine-tuning lr given (--finetune-lr): {', '.join(f'{lr:g}' for lr in sorted(lrs))}.\n"
+
+
 def finetune_gains(families: dict[str, tuple[dict[int, dict], dict[int, dict]]]) -> str:
     """What fine-tuning adds to each model: fine-tuned − zero-shot, seed means, paired on the episodes
     the fine-tuned runs were tested on (the first n of the zero-shot runs' episodes)."""
@@ -198,13 +214,10 @@ def main() -> None:
     if glyph_smat and glyph_pmf:
         glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
         print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
-    tuned_pmf = seeds_of(root / "finetune", "pmf", FINETUNE_RESULTS)
-    tuned_smat = seeds_of(root / "finetune", "smat", FINETUNE_RESULTS)
-    if tuned_smat and tuned_pmf:
-        tuned_pre = next(iter(tuned_smat.values()))["baselines"]["Pre+full"]
-        print(comparison(tuned_pre, tuned_pmf, tuned_smat, "Embedded benchmark, full fine-tuning", "+full"))
-        print(finetune_gains({"Pre": ({0: pre}, {0: tuned_pre}), "PMF": (pmf, tuned_pmf), "SMAT": (smat, tuned_smat)}))
-        print(finetune_lrs({"Pre+full": {0: tuned_pre}, "PMF+full": tuned_pmf, "SMAT+full": tuned_smat}))
+    print(fine_tuned(root / "finetune", "Embedded benchmark, full fine-tuning", {"Pre": {0: pre}, "PMF": pmf, "SMAT": smat}))
+    if glyph_smat and glyph_pmf:
+        print(fine_tuned(root / "glyphs-finetune", "Real glyphs (OOD), full fine-tuning",
+                         {"Pre": {0: glyph_pre}, "PMF": glyph_pmf, "SMAT": glyph_smat}))
     families = {"SMAT (τ = 0.9)": "smat", "SMAT without the KL to Pre": "smat-nokl",
                 "SMAT without the teacher": "smat-noteacher", "SMAT τ = 0.5": "smat-s0.5",
                 "PMF (δ lr 0.05)": "pmf", "PMF, δ lr 0.02": "pmf-lr0.02"}
