@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,18 +24,19 @@ import torch.nn.functional as F
 from jaxtyping import UInt8
 from torch import Tensor
 
-from data import PARTITIONS, DataError, Partition, Source, Split, default_cache_dir, split_counts
+from data import PARTITIONS, DataError, OODDistance, Partition, Source, Split, default_cache_dir, split_counts
 
 EMBEDDED_SEED = 0  # the benchmark itself is fixed, like Meta-Dataset; run seeds do not change it
 
-# Eight procedural domains. A class is a random *structure* (strokes, frequencies, a silhouette, dot
-# positions, a motif ...); an instance re-draws the *nuisances* (pose, scale, position, colours,
+# Eleven procedural domains. A class is a random *structure* (strokes, frequencies, a silhouette,
+# dot positions, a motif ...); an instance re-draws the *nuisances* (pose, scale, position, colours,
 # jitter of the structure, pixel noise). Colours are random per instance in every domain, so no
 # domain can be solved by colour alone and all share low-level statistics (strokes, edges, colour
-# blobs) that a pretrained backbone can transfer. The OOD domains recombine those statistics into
-# structures the ID domains never show: closed curves, radial/spiral patterns, cell mosaics.
+# blobs) that a pretrained backbone can transfer. The far-OOD domains recombine those statistics into
+# structures the ID domains never show: closed curves, radial/spiral patterns, cell mosaics. The
+# near-OOD domains redraw an ID structure with another renderer (see "Near-OOD domains" below).
 
-EMBEDDED_VERSION = 1  # bump when a renderer changes: it is part of the cache file name
+EMBEDDED_VERSION = 2  # bump when a renderer changes: it is part of the cache file name
 
 
 def pixel_grid(res: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,17 +269,121 @@ def _mosaics(rng, n_classes, n_images, res):
     return in_chunks(render, pose, seeds, shade)
 
 
-# name -> (renderer, split). Five ID domains (meta-training), three OOD (test only). The stand-in
-# backbone never saw any of them: it is pretrained on standin.py's disjoint procedural corpus.
-EMBEDDED_DOMAINS: dict[str, tuple[Callable, Split]] = {
-    "glyphs": (_glyphs, "id"),
-    "gratings": (_gratings, "id"),
-    "shapes": (_shapes, "id"),
-    "constellations": (_constellations, "id"),
-    "tilings": (_tilings, "id"),
-    "curves": (_curves, "ood"),
-    "rosettes": (_rosettes, "ood"),
-    "mosaics": (_mosaics, "ood"),
+# Near-OOD domains [project design, docs/benchmark.md "Near and far OOD"]: each takes the class-defining
+# structure of one ID domain and draws it with another renderer (another primitive, outline instead
+# of fill, another polarity), so it shares no class and no rendering with that domain but rewards
+# what meta-tuning learned there: the role MNIST plays beside Omniglot in Meta-Dataset.
+
+
+def bezier_points(start: np.ndarray, control: np.ndarray, end: np.ndarray, pieces: int) -> np.ndarray:
+    """Points along quadratic Bézier strokes (..., 2) -> (..., pieces + 1, 2)."""
+    t = np.linspace(0, 1, pieces + 1)[:, None]
+    a, c, b = (v[..., None, :] for v in (start, control, end))
+    return (1 - t) ** 2 * a + 2 * (1 - t) * t * c + t ** 2 * b
+
+
+def _scripts(rng, n_classes, n_images, res):
+    """Near OOD to glyphs: a class is 2-4 *curved* pen strokes (quadratic Béziers, the next starting
+    where the previous ends), thinner than glyphs' straight bars, drawn dark on light (the polarity
+    flip is applied by EMBEDDED_DOMAINS)."""
+    n_strokes, pieces = 4, 6
+    points = rng.uniform(-0.6, 0.6, (n_classes, n_strokes + 1, 2))
+    bend = rng.normal(0, 0.45, (n_classes, n_strokes, 2))
+    keep = np.ones((n_classes, n_strokes), bool)
+    keep[:, 2] = rng.uniform(size=n_classes) < 0.8
+    keep[:, 3] = keep[:, 2] & (rng.uniform(size=n_classes) < 0.5)
+    n = n_classes * n_images
+    rep = lambda a: np.repeat(a, n_images, 0)  # noqa: E731
+    points = rep(points) + rng.normal(0, 0.04, (n, n_strokes + 1, 2))
+    start, end = points[:, :-1], points[:, 1:]
+    control = (start + end) / 2 + rep(bend) * 0.5 + rng.normal(0, 0.04, (n, n_strokes, 2))
+    path = bezier_points(start, control, end, pieces)  # (n, strokes, pieces + 1, 2)
+    seg_start = path[:, :, :-1].reshape(n, -1, 2)
+    seg_end = path[:, :, 1:].reshape(n, -1, 2)
+    seg_keep = np.repeat(rep(keep), pieces, 1)[..., None, None]
+    width = rng.uniform(0.045, 0.07, (n, 1, 1, 1))
+
+    def render(pose, seg_start, seg_end, width, seg_keep):
+        x, y = object_coords(pose, res)
+        return (soft_edge(width - segment_distance(x, y, seg_start, seg_end), res) * seg_keep).max(1)
+
+    pose = random_poses(rng, n, 0.3, (0.8, 1.1), 0.15)
+    return in_chunks(render, pose, seg_start, seg_end, width, seg_keep, size=128)
+
+
+def _outlines(rng, n_classes, n_images, res):
+    """Near OOD to shapes: a class is a star polygon (5-8 vertices at random radii), drawn as its
+    outline only, where shapes fills smooth Fourier silhouettes."""
+    max_vertices = 8
+    n_vertices = rng.integers(5, max_vertices + 1, n_classes)
+    radii = rng.uniform(0.3, 0.75, (n_classes, max_vertices))
+    offset = rng.uniform(0, 2 * np.pi, n_classes)
+    n = n_classes * n_images
+    n_vertices, offset = np.repeat(n_vertices, n_images), np.repeat(offset, n_images)
+    radii = np.repeat(radii, n_images, 0) * rng.uniform(0.9, 1.1, (n, max_vertices))
+    angles = offset[:, None] + 2 * np.pi * np.arange(max_vertices)[None] / n_vertices[:, None]
+    corners = np.stack([radii * np.cos(angles), radii * np.sin(angles)], -1)  # (n, max_vertices, 2)
+    following = np.where(np.arange(max_vertices)[None] + 1 < n_vertices[:, None],
+                         np.arange(1, max_vertices + 1)[None], 0)  # the next vertex, wrapping at n_vertices
+    ends = np.take_along_axis(corners, following[..., None], 1)
+    seg_keep = (np.arange(max_vertices)[None] < n_vertices[:, None])[..., None, None]
+    width = rng.uniform(0.04, 0.07, (n, 1, 1, 1))
+
+    def render(pose, corners, ends, width, seg_keep):
+        x, y = object_coords(pose, res)
+        return (soft_edge(width - segment_distance(x, y, corners, ends), res) * seg_keep).max(1)
+
+    pose = random_poses(rng, n, 0.5, (0.8, 1.1), 0.15)
+    return in_chunks(render, pose, corners, ends, width, seg_keep)
+
+
+def _specks(rng, n_classes, n_images, res):
+    """Near OOD to constellations: a class is 5-7 points, each drawn as a small hollow square turned
+    with the pose instead of a filled disc, dark on light (the polarity flip is applied by
+    EMBEDDED_DOMAINS)."""
+    n_dots = 7
+    centres = rng.uniform(-0.7, 0.7, (n_classes, n_dots, 2))
+    size = rng.uniform(0.08, 0.15, (n_classes, n_dots))
+    present = rng.uniform(size=(n_classes, n_dots)) < 0.8
+    present[:, :5] = True
+    n = n_classes * n_images
+    centres = np.repeat(centres, n_images, 0) + rng.normal(0, 0.04, (n, n_dots, 2))
+    size = np.repeat(size, n_images, 0) * rng.uniform(0.85, 1.15, (n, n_dots))
+    present = np.repeat(present, n_images, 0)
+
+    def render(pose, centres, size, present):
+        x, y = object_coords(pose, res)
+        box = np.maximum(np.abs(x[:, None] - centres[..., 0, None, None]),
+                         np.abs(y[:, None] - centres[..., 1, None, None]))  # L∞ distance: a square
+        frame = soft_edge(0.035 - np.abs(box - size[..., None, None]), res)
+        return (frame * present[..., None, None]).max(1)
+
+    pose = random_poses(rng, n, 0.4, (0.85, 1.1), 0.15)
+    return in_chunks(render, pose, centres, size, present)
+
+
+class Domain(NamedTuple):
+    render: Callable[..., np.ndarray]  # (rng, n_classes, n_images, res) -> coverage (n, res, res) in [0, 1]
+    split: Split
+    distance: OODDistance | None = None  # for OOD domains: near (shares an ID structure) or far
+    dark_on_light: bool = False  # polarity: ink darker than the background, unlike the ID domains
+
+
+# Five ID domains (meta-training), three far-OOD and three near-OOD domains (test only). The stand-in
+# backbone never saw any of them: it is pretrained on standin.py's disjoint procedural corpus. New
+# domains go last: each domain's generator is seeded by its position, so earlier ones stay the same.
+EMBEDDED_DOMAINS: dict[str, Domain] = {
+    "glyphs": Domain(_glyphs, "id"),
+    "gratings": Domain(_gratings, "id"),
+    "shapes": Domain(_shapes, "id"),
+    "constellations": Domain(_constellations, "id"),
+    "tilings": Domain(_tilings, "id"),
+    "curves": Domain(_curves, "ood", "far"),
+    "rosettes": Domain(_rosettes, "ood", "far"),
+    "mosaics": Domain(_mosaics, "ood", "far"),
+    "scripts": Domain(_scripts, "ood", "near", dark_on_light=True),  # near glyphs
+    "outlines": Domain(_outlines, "ood", "near"),  # near shapes
+    "specks": Domain(_specks, "ood", "near", dark_on_light=True),  # near constellations
 }
 
 
@@ -286,7 +392,10 @@ def _render_domain(name: str, seed: int, n_classes: int, n_images: int, res: int
     background, plus pixel noise. Each domain has its own generator, so domains are independent."""
     index = list(EMBEDDED_DOMAINS).index(name)
     rng = np.random.default_rng([seed, index])
-    coverage = EMBEDDED_DOMAINS[name][0](rng, n_classes, n_images, res).astype(np.float32)  # (n, res, res)
+    domain = EMBEDDED_DOMAINS[name]
+    coverage = domain.render(rng, n_classes, n_images, res).astype(np.float32)  # (n, res, res)
+    if domain.dark_on_light:
+        coverage = 1 - coverage
     n = n_classes * n_images
     ink, background = _colour_pairs(rng, n)
     images = coverage[:, None] * ink[:, :, None, None] + (1 - coverage[:, None]) * background[:, :, None, None]
@@ -360,6 +469,11 @@ class EmbeddedSource(Source):
         starts = np.cumsum((0,) + counts)
         self._ranges = {p: (int(starts[i]), int(starts[i + 1])) for i, p in enumerate(PARTITIONS)}
 
+    @property
+    def distance(self) -> OODDistance | None:
+        """near or far, as designed, while the domain is tested as OOD (`embedded:NAME@id` makes it ID)."""
+        return EMBEDDED_DOMAINS[self.name].distance if self.split == "ood" else None
+
     def classes(self, partition: Partition) -> range:
         """Absolute class ids of a partition (disjoint by construction)."""
         return range(*self._ranges[partition])
@@ -378,4 +492,4 @@ def embedded_sources(seed: int = 0, resolution: int = 32, n_classes: int = 100, 
                      cache_dir: Path | None = None) -> list[Source]:
     """The embedded benchmark's domains as sources (built or read from the cache)."""
     domains = build_embedded(seed, resolution, n_classes, n_images, cache_dir)
-    return [EmbeddedSource(name, domains[name], split) for name, (_, split) in EMBEDDED_DOMAINS.items()]
+    return [EmbeddedSource(name, domains[name], domain.split) for name, domain in EMBEDDED_DOMAINS.items()]

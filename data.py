@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns all checks off
 
 Split = Literal["id", "ood"]
+OODDistance = Literal["near", "far"]  # how close an OOD domain is to the ID ones, where known
 Partition = Literal["train", "val", "test"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics DINO and PMF normalise with [PMF datasets]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,6 +218,7 @@ class Source:
 
     name: str
     split: Split
+    distance: OODDistance | None = None  # near or far OOD, where the source's design says so
     test_crop: float = 1.0  # fraction of the side kept by the test-time centre crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of the training random-resized crop
 
