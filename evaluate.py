@@ -121,12 +121,14 @@ def evaluate_model(
         domains[source.name] = {"split": source.split, "mean": mean, "ci95": ci95, "episodes": episodes,
                                 "router_weights": (weights / episodes).tolist(),
                                 "accuracies": [round(a, 6) for a in accuracies.tolist()]}
+        if source.distance:
+            domains[source.name]["distance"] = source.distance
         if gates is not None:
             domains[source.name]["task_update_density"] = domain_density.item() / episodes
             density += domain_density.item() / episodes / len(sources)
         if finetune != "none":
             domains[source.name]["finetune_lr"] = lrs[source.name]
-    results = {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
+    results = {"domains": domains, **_averages(domains),
                "method": "pre" if baseline == "pretrained" else model.cfg.method, "finetune": finetune,
                "partition": partition, "seed": seed, "protocol": asdict(protocol),
                "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict(), "data": cfg.data,
@@ -179,9 +181,27 @@ def sparsity_report(gates: Tensor, task_update_density: float, target: float) ->
             "target": target}
 
 
-def _average(domains: dict, split: str) -> float | None:
-    means = [d["mean"] for d in domains.values() if d["split"] == split]
-    return sum(means) / len(means) if means else None  # unweighted over domains, as the paper
+# The averages a results dict carries, with their table labels. ID and OOD always (None without
+# such a domain); near and far OOD where some OOD domain says how far it is (the embedded ones do).
+AVERAGES = {"id_avg": "ID avg", "ood_avg": "OOD avg", "near_ood_avg": "near OOD avg", "far_ood_avg": "far OOD avg"}
+
+
+def average_groups(domains: dict) -> dict[str, list[str]]:
+    """The domains each average is over, for the averages that have any (key of AVERAGES -> names)."""
+    member = {"id_avg": lambda d: d["split"] == "id", "ood_avg": lambda d: d["split"] == "ood",
+              "near_ood_avg": lambda d: d.get("distance") == "near",
+              "far_ood_avg": lambda d: d.get("distance") == "far"}
+    groups = {key: [name for name, d in domains.items() if member[key](d)] for key in AVERAGES}
+    return {key: names for key, names in groups.items() if names}
+
+
+def _averages(domains: dict) -> dict[str, float | None]:
+    """Each average's mean accuracy, unweighted over its domains, as the paper."""
+    groups = average_groups(domains)
+    out: dict[str, float | None] = {"id_avg": None, "ood_avg": None}
+    for key, names in groups.items():
+        out[key] = sum(domains[n]["mean"] for n in names) / len(names)
+    return out
 
 
 def _accuracies(model: SMAT, episodes, finetune: FinetuneMode, lr: float, baseline: str, steps: int,
@@ -282,11 +302,9 @@ def paired_difference(a: dict, b: dict) -> dict:
     for j, name in enumerate(names):
         mean, ci95 = confidence_interval(diff[:, j])
         out["domains"][name] = {"split": a["domains"][name]["split"], "mean": mean, "ci95": ci95}
-    for split in ("id", "ood"):
-        columns = [j for j, name in enumerate(names) if a["domains"][name]["split"] == split]
-        if columns:
-            mean, ci95 = confidence_interval(diff[:, columns].mean(1))
-            out[f"{split}_avg"] = {"mean": mean, "ci95": ci95}
+    for key, group in average_groups(a["domains"]).items():
+        mean, ci95 = confidence_interval(diff[:, [names.index(n) for n in group]].mean(1))
+        out[key] = {"mean": mean, "ci95": ci95}
     return out
 
 
@@ -306,7 +324,9 @@ def average_runs(results: list[dict]) -> dict:
                          "episodes": first["domains"][name]["episodes"],
                          "accuracies": [round(x, 6) for x in mean[:, j].tolist()],
                          "run_means": [r["domains"][name]["mean"] for r in results]}
-    return {"domains": domains, "id_avg": _average(domains, "id"), "ood_avg": _average(domains, "ood"),
+        if "distance" in first["domains"][name]:
+            domains[name]["distance"] = first["domains"][name]["distance"]
+    return {"domains": domains, **_averages(domains),
             "method": first["method"], "finetune": first["finetune"], "partition": first["partition"],
             "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)}
 
@@ -322,12 +342,14 @@ def _rows(results: list[dict], differences: list[dict] = ()) -> list[list[str]]:
     rows = []
     for domain in domains:
         cells = [r["domains"].get(domain) for r in results]
-        split = next(c["split"] for c in cells if c)
+        first = next(c for c in cells if c)
+        split = f"{first['split']} {first['distance']}" if "distance" in first else first["split"]
         rows.append([domain, split] + [f"{c['mean']:.2f} ± {c['ci95']:.2f}" if c else "-" for c in cells]
                     + [difference_cell(d["domains"].get(domain)) for d in differences])
-    for key, label in (("id_avg", "ID avg"), ("ood_avg", "OOD avg")):
-        rows.append([label, ""] + [f"{r[key]:.2f}" if r[key] is not None else "-" for r in results]
-                    + [difference_cell(d[key]) for d in differences])
+    for key, label in AVERAGES.items():
+        if key in ("id_avg", "ood_avg") or any(r.get(key) is not None for r in results):
+            rows.append([label, ""] + [f"{r[key]:.2f}" if r.get(key) is not None else "-" for r in results]
+                        + [difference_cell(d.get(key)) for d in differences])
     return rows
 
 

@@ -1,5 +1,6 @@
 """The SMAT method core (smat.py): each part pinned against a closed form, an oracle or a property."""
 
+import dataclasses
 import math
 from functools import partial
 
@@ -426,7 +427,7 @@ def loss_terms_by_hand(model: SMAT, episode, seed: int) -> tuple[dict, dict]:
     a = model.router.keys @ model.router.embed(pre_prototypes)
     u = torch.rand(cfg.n_experts, generator=torch.Generator().manual_seed(seed)).clamp(1e-6, 1 - 1e-6)
     t_r = max(cfg.router_temperature_end, cfg.router_temperature_start - (cfg.router_temperature_start
-              - cfg.router_temperature_end) * model.tasks_seen.item() / cfg.router_anneal_tasks)
+              - cfg.router_temperature_end) * model.tasks_seen.item() / round(cfg.router_anneal_fraction * cfg.episodes))
     scores = torch.sigmoid((a + u.log() - (1 - u).log()) / t_r)
     w = scores / (scores.sum() + 1e-8)
     z = (torch.sigmoid(model.log_alpha / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)  # β = 2/3, (γ, ζ) = (-0.1, 1.1)
@@ -472,6 +473,24 @@ def test_the_total_loss_equals_its_terms_computed_by_hand():
                 + terms["sparsity_penalty"] + terms["router_penalty"])
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-6)  # measured: equal to the last bit
     assert all(term.abs() > 1e-5 for term in terms.values())  # each term is above the tolerance
+
+
+@pytest.mark.parametrize("teacher, kl_to_pretrained", [(False, True), (True, False), (False, False)])
+def test_each_ablation_switch_removes_exactly_its_own_distillation_term(teacher, kl_to_pretrained):
+    # the terms by hand come from the full model; the switched-off model has the same tensors and draws
+    model, episode = oracle_model(), make_episode(0)
+    terms, _ = loss_terms_by_hand(model, episode, seed=5)
+    switched = SMAT(TinyBackbone(), dataclasses.replace(model.cfg, teacher=teacher, kl_to_pretrained=kl_to_pretrained))
+    switched.load_state_dict(model.state_dict())
+    kappa = model.cfg.distill_weight
+
+    out = smat.meta_train_step(switched, *episode, torch.Generator().manual_seed(5))
+
+    kept = [terms[name] for name, on in (("distill_teacher", teacher), ("distill_pre", kl_to_pretrained)) if on]
+    ce_part = (1 - kappa) * terms["ce"] + kappa * sum(kept) if kept else terms["ce"]  # κ weighs KD terms only
+    torch.testing.assert_close(out.loss, ce_part + terms["sparsity_penalty"] + terms["router_penalty"],
+                               rtol=0, atol=1e-6)
+    assert ("teacher_lead" in out.terms) == teacher
 
 
 ROUTER = "router.*"
@@ -570,7 +589,7 @@ def test_a_fresh_model_predicts_like_the_pretrained_backbone():
 def test_a_few_hundred_steps_lower_the_query_loss_and_move_sparsity_towards_the_target():
     # mask lr scaled to this tiny P (6.7 k parameters; the official 1e6 is for ViT-S's 21.7 M)
     model = make_model(0, sparsity=0.6, mask_lr=3000.0, multiplier_lr=1.0, delta_lr=0.05,
-                       router_anneal_tasks=400)
+                       router_anneal_fraction=0.5)
     optimizer = smat.MetaOptimizer(model)
 
     def run(steps: int, start: int):
@@ -698,3 +717,14 @@ def test_each_parameter_group_has_its_optimiser_lr_weight_decay_momentum_and_cli
     assert (cfg.delta_momentum, cfg.delta_weight_decay, cfg.mask_lr, cfg.mask_clip, cfg.router_lr,
             cfg.router_weight_decay, cfg.router_clip) == (0.9, 1e-4, 1e6, 5.0, 1e-3, 1e-2, 1.0)
 
+
+
+@pytest.mark.parametrize("episodes", [200, 800, 50_000])
+def test_the_router_temperature_anneals_over_the_same_fraction_of_any_run(episodes):
+    cfg = Config(episodes=episodes)
+    at = lambda tasks: smat.router_temperature(cfg, torch.tensor(tasks)).item()  # noqa: E731
+
+    assert at(0) == pytest.approx(cfg.router_temperature_start)
+    assert at(episodes // 4) == pytest.approx((cfg.router_temperature_start + cfg.router_temperature_end) / 2)
+    assert at(episodes // 2) == pytest.approx(cfg.router_temperature_end) == at(episodes)
+    assert smat.anneal_tasks(Config.paper()) == 18_000  # the official max(0.5, 5 - n/4000) over 50k tasks
