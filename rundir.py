@@ -28,6 +28,7 @@ import re
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -347,10 +348,28 @@ def check_fields(cls: type, values: object, where: str, complete: bool = True) -
     return values
 
 
+# Config fields renamed since earlier runs were written: old key -> (new key, its value from the old
+# values). A run made before the rename loads as the same configuration.
+RENAMED_FIELDS: dict[str, tuple[str, Callable[[dict], object]]] = {
+    "router_anneal_tasks": ("router_anneal_fraction", lambda old: old["router_anneal_tasks"] / old["episodes"]),
+}
+
+
+def _renamed(values: object) -> object:
+    """`values` with renamed keys replaced, where the old key and what its conversion reads are sound."""
+    if not isinstance(values, dict):
+        return values
+    for old, (new, convert) in RENAMED_FIELDS.items():
+        if old in values and new not in values and all(type(values.get(k)) is int for k in (old, "episodes")) \
+                and values["episodes"] > 0:
+            values = {k: v for k, v in values.items() if k != old} | {new: convert(values)}
+    return values
+
+
 def config_from_dict(values: object, where: str = "the configuration") -> Config:
     """The Config of a config.json or a checkpoint: every field present with its type, then Config's
     own checks (ranges, choices), all as one RunError line naming `where`."""
-    check_fields(Config, values, where)
+    values = check_fields(Config, _renamed(values), where)
     try:
         return Config(**values)
     except smat.ConfigError as error:

@@ -8,7 +8,9 @@ source per domain; with @ood every class is a test class. A class is one letter 
 Georgian Mkhedruli, Hebrew, Lao consonants); its 20 images (5-shot + 15 queries) are that letter
 typeset by different DejaVu font files (sans, serif, mono; book, bold, oblique, so weight and slant
 vary), each with a mild random rotation (+-10 deg), scale (0.8-1.05) and shift (+-10 % of the side),
-dark ink on white, 64 x 64 grey PNGs.
+dark ink on white, 64 x 64 grey PNGs. `--polarity light-on-dark` writes the same images inverted
+(255 - each pixel, the polarity of every embedded benchmark domain), so an effect can be checked in
+both polarities on identical episodes.
 
 The glyphs are real font renderings, drawn by type designers, not procedural strokes: they are
 disjoint from the project's procedural benchmark (data.py) and from the procedural corpus the
@@ -137,11 +139,14 @@ def _layout(boxes: list[tuple[int, int, int, int]], side: int) -> tuple[int, flo
     return max(1, round(MEASURE_EM * em_scale)), side / 2 - (top + bottom) / 2 * em_scale
 
 
+POLARITIES = ("dark-on-light", "light-on-dark")
+
+
 def render(glyph: Image.Image, box: tuple[int, int, int, int], em: int, baseline: float, side: int,
-           rng: np.random.Generator) -> Image.Image:
+           rng: np.random.Generator, polarity: str = "dark-on-light") -> Image.Image:
     """One image of a glyph drawn by `_draw`: its ink centred horizontally and its baseline at
     `baseline` of a supersampled square, then rotated, scaled and shifted about the centre, averaged
-    down to `side` and inverted to dark ink on white."""
+    down to `side` and, for dark-on-light, inverted to dark ink on white."""
     big = side * SUPERSAMPLE
     angle = np.deg2rad(rng.uniform(-10.0, 10.0))
     scale = rng.uniform(0.8, 1.05)
@@ -157,10 +162,11 @@ def render(glyph: Image.Image, box: tuple[int, int, int, int], em: int, baseline
                     -sin, cos, -sin * move_x + cos * move_y + centre + offset_y)
     image = glyph.transform((big, big), Image.AFFINE, tuple(float(c) for c in coefficients),
                             resample=Image.BICUBIC)
-    return ImageOps.invert(image.resize((side, side), Image.BOX))
+    image = image.resize((side, side), Image.BOX)  # white ink on black, as drawn
+    return ImageOps.invert(image) if polarity == "dark-on-light" else image
 
 
-def _check(out_dir: Path, images: int, size: int, seed: int, max_classes: int) -> None:
+def _check(out_dir: Path, images: int, size: int, seed: int, max_classes: int, polarity: str) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"OUT_DIR {out_dir} is a file; give a new or empty directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -172,22 +178,26 @@ def _check(out_dir: Path, images: int, size: int, seed: int, max_classes: int) -
         raise BuildError(f"--size {size} is too small; use at least 8 pixels")
     if seed < 0:
         raise BuildError(f"--seed {seed} is negative; use an integer >= 0")
+    if polarity not in POLARITIES:
+        raise BuildError(f"--polarity {polarity} is not valid; use {' or '.join(POLARITIES)}")
     if max_classes < 5:
         raise BuildError(f"--max-classes {max_classes} is too few; use at least 5 (episodes are 5-way)")
 
 
-def build(out_dir: Path, images: int = 20, size: int = 64, seed: int = 0, max_classes: int = 40) -> dict:
+def build(out_dir: Path, images: int = 20, size: int = 64, seed: int = 0, max_classes: int = 40,
+          polarity: str = "dark-on-light") -> dict:
     """Write the check to `out_dir` (new or empty) and return its manifest (also written to
     OUT_DIR/glyph_check.json). Raises BuildError on bad input, before writing anything.
 
     The tree is built in OUT_DIR.tmp-PID next to it and renamed into place at the end, so an
     interrupted build never leaves a partial OUT_DIR (a killed one leaves only the .tmp-PID folder)."""
     out_dir = Path(os.path.abspath(out_dir))
-    _check(out_dir, images, size, seed, max_classes)
+    _check(out_dir, images, size, seed, max_classes, polarity)
     fonts = font_files()
     covered = coverage(fonts)
     manifest: dict = {
         "seed": seed, "images": images, "size": size, "max_classes": max_classes, "min_fonts": MIN_FONTS,
+        "polarity": polarity,
         "pillow": PIL.__version__, "freetype": features.version("freetype2"),
         "matplotlib": matplotlib.__version__,
         "fonts": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in fonts},
@@ -215,7 +225,7 @@ def build(out_dir: Path, images: int = 20, size: int = 64, seed: int = 0, max_cl
                 used = []
                 for index in range(images):
                     path = paths[order[index % len(paths)]]
-                    render(*glyphs[path], em, baseline, size, rng).save(folder / f"{index:03d}.png")
+                    render(*glyphs[path], em, baseline, size, rng, polarity).save(folder / f"{index:03d}.png")
                     used.append(path.name)
                 manifest["domains"][domain]["classes"][class_name(codepoint)] = {
                     "codepoint": f"U+{codepoint:04X}", "character": chr(codepoint),
@@ -262,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the renderings (default 0)")
     parser.add_argument("--max-classes", type=int, default=40, help="letters per writing system (default 40)")
+    parser.add_argument("--polarity", default="dark-on-light", metavar="|".join(POLARITIES),
+                        help="dark ink on white (default) or the same images inverted")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        manifest = build(args.out_dir, args.images, args.size, args.seed, args.max_classes)
+        manifest = build(args.out_dir, args.images, args.size, args.seed, args.max_classes, args.polarity)
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

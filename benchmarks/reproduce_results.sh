@@ -2,35 +2,39 @@
 # Reruns every experiment behind docs/results.md on the embedded benchmark (CPU profile).
 #
 #   bash benchmarks/reproduce_results.sh                       # OUT=runs/results, 2 jobs at a time
-#   python benchmarks/results_tables.py runs/results           # the tables of docs/results.md
+#   python benchmarks/results_tables.py runs/results           # every table of docs/results.md
 #
-# 1. main: PMF and SMAT (τ = 0.9, 8 experts), seeds 0, 1, 2. Each run ends with train.py's own test:
-#    600 seeded episodes per domain (the same for every run), SMAT or PMF beside Pre on them.
-# 2. sparsity sweep: SMAT at τ = 0.5, 0.7, 0.95 (τ = 0.9 is the main runs), seeds 0, 1, 2, tested on
-#    the first SWEEP_EPISODES of those episodes.
-# 3. ablations, 3 seeds each: SMAT without the KL to the frozen model, without the teacher, and PMF
-#    with δ lr 0.02; tested like the sweep.
-# 4. real glyphs: a tree of real font renderings (benchmarks/make_glyph_check.py, never seen in
-#    pretraining or meta-training) as OOD test domains for every run of 1, 2 and 3, GLYPH_EPISODES per
-#    domain, written to $OUT/glyphs/<run>/ (the runs' own results stay untouched).
-# 5. full fine-tuning [SMAT §5.2]: PMF and SMAT of each seed of 1, and Pre, each fine-tuned on every
-#    test episode's support set (lr chosen per domain on validation episodes), on the first
-#    FINETUNE_EPISODES test episodes per domain, written to $OUT/finetune/<run>/.
-# 6. the same on the real glyphs of 4, into $OUT/glyphs-finetune/<run>/. The glyph domains have no
-#    validation classes, so the lr is given: GLYPH_FINETUNE_LR, the lr that step 5's validation
-#    episodes chose pooled over the embedded domains (pooled_lr in its results: 1e-4 for Pre and for
-#    5 of the 6 runs).
-# Rerunning skips finished runs and evaluations.
+# 0. selection: the lrs of the CPU profile and of Config.pmf(), chosen on ID validation classes only
+#    (benchmarks/select_lr.sh, into $OUT/select/); the defaults below are its choice.
+# 1. main: PMF and SMAT (τ = 0.9, 8 experts) at their defaults, SEEDS. Each run ends with train.py's own
+#    test: 600 seeded episodes per domain (the same for every run), the model beside Pre on them.
+# 2. real glyphs (benchmarks/make_glyph_check.py, never seen in pretraining or meta-training) in both
+#    polarities, dark ink on white as built and the same images inverted, as OOD test domains of every
+#    main run: GLYPH_EPISODES per domain, into $OUT/glyphs/<run>/ and $OUT/glyphs-inverted/<run>/.
+# 3. δ scaling: every main run with its δ scaled by 0.25, 0.5, 1, 1.5, and each PMF run also at the
+#    update norm of the SMAT run of its seed (benchmarks/delta_scaling.py), DELTA_EPISODES per domain.
+# 4. ablations, SWEEP_SEEDS: SMAT without the dense teacher (--no-teacher) and without the KD to the
+#    frozen model (--no-kl-to-pretrained), one switch each; tested on SWEEP_EPISODES per domain.
+# 5. sparsity sweep: SMAT at τ in TAUS (τ = 0.9 is the main runs), SWEEP_SEEDS, 8 experts.
+# 6. expert sweep: SMAT with M in EXPERTS (M = 8 is the main runs), SWEEP_SEEDS, τ = 0.9.
+# 7. (FINETUNE=1) full fine-tuning [SMAT §5.2] of PMF, SMAT and Pre of each seed of 1 on the first
+#    FINETUNE_EPISODES test episodes per domain, lr chosen per domain on validation episodes, into
+#    $OUT/finetune/<run>/: about 25 minutes a seed on 2 cores.
+# Every test episode is shared by every run (episode seed 0; shorter tests are prefixes), so every
+# comparison is paired. Rerunning skips finished runs and evaluations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/results}
 JOBS=${JOBS:-2}
 PYTHON=${PYTHON:-python}
-SWEEP_EPISODES=${SWEEP_EPISODES:-200}
-GLYPH_EPISODES=${GLYPH_EPISODES:-600}
-FINETUNE_EPISODES=${FINETUNE_EPISODES:-100}
-GLYPH_FINETUNE_LR=${GLYPH_FINETUNE_LR:-0.0001}
 SEEDS=${SEEDS:-"0 1 2"}
+SWEEP_SEEDS=${SWEEP_SEEDS:-"0 1 2"}
+TAUS=${TAUS:-"0 0.3 0.5 0.7 0.95"}
+EXPERTS=${EXPERTS:-"1 2 4 16"}
+SWEEP_EPISODES=${SWEEP_EPISODES:-200}
+GLYPH_EPISODES=${GLYPH_EPISODES:-300}
+DELTA_EPISODES=${DELTA_EPISODES:-100}
+FINETUNE_EPISODES=${FINETUNE_EPISODES:-100}
 # one thread per job: 2 jobs fill 2 cores without contention; wide tables in the logs
 export OMP_NUM_THREADS=1 JAXTYPING_DISABLE=1 COLUMNS=200
 mkdir -p "$OUT"
@@ -42,11 +46,16 @@ train() {  # train NAME FLAGS...: one run with its final test, skipped when it f
   "$PYTHON" train.py --out "$OUT/$name" --no-check-shapes "$@" > "$OUT/$name.log" 2>&1
   touch "$OUT/$name/.done"
 }
-glyphs() {  # glyphs RUN: the run on the real-glyph domains, results in $OUT/glyphs/RUN/
-  local run=$1
-  compgen -G "$OUT/glyphs/$run/results-zeroshot-*.json" > /dev/null && return 0
-  "$PYTHON" evaluate.py "$OUT/$run" --data "folder:$OUT/glyph_check@ood" --episodes "$GLYPH_EPISODES" \
-    --out "$OUT/glyphs" > "$OUT/glyphs-$run.log" 2>&1
+glyphs() {  # glyphs FOLDER RUN: the run on the real-glyph tree FOLDER, results in $OUT/FOLDER-results/RUN/
+  local tree=$1 run=$2
+  compgen -G "$OUT/$tree-results/$run/results-zeroshot-*.json" > /dev/null && return 0
+  "$PYTHON" evaluate.py "$OUT/$run" --data "folder:$OUT/$tree@ood" --episodes "$GLYPH_EPISODES" \
+    --out "$OUT/$tree-results" > "$OUT/$tree-$run.log" 2>&1
+}
+scale() {  # scale RUN [FLAGS]: benchmarks/delta_scaling.py on the run
+  local run=$1; shift
+  [ -f "$OUT/$run/delta-scaling-${DELTA_EPISODES}ep.json" ] && return 0
+  "$PYTHON" benchmarks/delta_scaling.py "$OUT/$run" --episodes "$DELTA_EPISODES" "$@" > "$OUT/scale-$run.log" 2>&1
 }
 finetune() {  # finetune SEED: PMF and SMAT of the seed (and Pre) fine-tuned, results in $OUT/finetune/<run>/
   local seed=$1
@@ -54,42 +63,33 @@ finetune() {  # finetune SEED: PMF and SMAT of the seed (and Pre) fine-tuned, re
   "$PYTHON" evaluate.py "$OUT/pmf-seed$seed" "$OUT/smat-seed$seed" --finetune full \
     --test-episodes "$FINETUNE_EPISODES" --out "$OUT/finetune" > "$OUT/finetune-seed$seed.log" 2>&1
 }
-glyphs_finetune() {  # glyphs_finetune SEED: step 5 on the real glyphs, results in $OUT/glyphs-finetune/<run>/
-  local seed=$1
-  compgen -G "$OUT/glyphs-finetune/smat-seed$seed/results-full-*.json" > /dev/null && return 0
-  "$PYTHON" evaluate.py "$OUT/pmf-seed$seed" "$OUT/smat-seed$seed" --data "folder:$OUT/glyph_check@ood" \
-    --finetune full --finetune-lr "$GLYPH_FINETUNE_LR" --test-episodes "$FINETUNE_EPISODES" \
-    --out "$OUT/glyphs-finetune" > "$OUT/glyphs-finetune-seed$seed.log" 2>&1
-}
-export -f train glyphs finetune glyphs_finetune
-export OUT PYTHON GLYPH_EPISODES FINETUNE_EPISODES GLYPH_FINETUNE_LR
+export -f train glyphs scale finetune
+export OUT PYTHON GLYPH_EPISODES DELTA_EPISODES FINETUNE_EPISODES
+parallel() { xargs -P "$JOBS" -L 1 bash -c '"$@"' _; }
 
+OUT="$OUT/select" JOBS="$JOBS" PYTHON="$PYTHON" bash benchmarks/select_lr.sh                 # 0
+for seed in $SEEDS; do                                                                      # 1
+  echo "train pmf-seed$seed --method pmf --experts 1 --seed $seed"
+  echo "train smat-seed$seed --sparsity 0.9 --experts 8 --seed $seed"
+done | parallel
+[ -d "$OUT/glyphs" ] || "$PYTHON" benchmarks/make_glyph_check.py "$OUT/glyphs"               # 2
+[ -d "$OUT/glyphs-inverted" ] || "$PYTHON" benchmarks/make_glyph_check.py "$OUT/glyphs-inverted" --polarity light-on-dark
 {
   for seed in $SEEDS; do
-    echo "pmf-seed$seed --method pmf --experts 1 --seed $seed"
-    echo "smat-seed$seed --sparsity 0.9 --experts 8 --seed $seed"
+    for tree in glyphs glyphs-inverted; do echo "glyphs $tree pmf-seed$seed"; echo "glyphs $tree smat-seed$seed"; done
+    echo "scale smat-seed$seed"; echo "scale pmf-seed$seed --norm-of $OUT/smat-seed$seed"    # 3
   done
-  for seed in $SEEDS; do
-    for tau in 0.5 0.7 0.95; do
-      echo "smat-s$tau-seed$seed --sparsity $tau --experts 8 --seed $seed --test-episodes $SWEEP_EPISODES"
-    done
+  for seed in $SWEEP_SEEDS; do                                                              # 4
+    echo "train smat-noteacher-seed$seed --seed $seed --no-teacher --test-episodes $SWEEP_EPISODES"
+    echo "train smat-nokl-seed$seed --seed $seed --no-kl-to-pretrained --test-episodes $SWEEP_EPISODES"
   done
-  for seed in $SEEDS; do  # ablations
-    echo "smat-nokl-seed$seed --sparsity 0.9 --experts 8 --seed $seed --no-kl-to-pretrained --test-episodes $SWEEP_EPISODES"
-    echo "smat-noteacher-seed$seed --sparsity 0.9 --experts 8 --seed $seed --no-teacher --test-episodes $SWEEP_EPISODES"
-    echo "pmf-lr0.02-seed$seed --method pmf --experts 1 --seed $seed --set delta_lr=0.02 --test-episodes $SWEEP_EPISODES"
-  done
-} | xargs -P "$JOBS" -L 1 bash -c 'train "$@"' _
-
-[ -d "$OUT/glyph_check" ] || "$PYTHON" benchmarks/make_glyph_check.py "$OUT/glyph_check"
-{
-  for seed in $SEEDS; do
-    echo "pmf-seed$seed"; echo "smat-seed$seed"
-    for tau in 0.5 0.7 0.95; do echo "smat-s$tau-seed$seed"; done
-    echo "smat-nokl-seed$seed"; echo "smat-noteacher-seed$seed"; echo "pmf-lr0.02-seed$seed"
-  done
-} | xargs -P "$JOBS" -L 1 bash -c 'glyphs "$@"' _
-for seed in $SEEDS; do echo "$seed"; done | xargs -P "$JOBS" -L 1 bash -c 'finetune "$@"' _
-for seed in $SEEDS; do echo "$seed"; done | xargs -P "$JOBS" -L 1 bash -c 'glyphs_finetune "$@"' _
-echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs/<run>/results-zeroshot-*.json;"\
-  "fine-tuned: $OUT/finetune/<run>/ and $OUT/glyphs-finetune/<run>/results-full-*.json"
+  for seed in $SWEEP_SEEDS; do for tau in $TAUS; do                                         # 5
+    echo "train smat-s$tau-seed$seed --sparsity $tau --experts 8 --seed $seed --test-episodes $SWEEP_EPISODES"
+  done; done
+  for seed in $SWEEP_SEEDS; do for m in $EXPERTS; do                                        # 6
+    echo "train smat-m$m-seed$seed --sparsity 0.9 --experts $m --seed $seed --test-episodes $SWEEP_EPISODES"
+  done; done
+} | parallel
+if [ "${FINETUNE:-0}" = 1 ]; then for seed in $SEEDS; do echo "finetune $seed"; done | parallel; fi   # 7
+echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs-results/<run>/ and $OUT/glyphs-inverted-results/<run>/;"\
+  "δ scaling: $OUT/<run>/delta-scaling-${DELTA_EPISODES}ep.json; selection: $OUT/select/"

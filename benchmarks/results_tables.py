@@ -15,12 +15,12 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import evaluate  # noqa: E402  (the repository root is on the path only now)
+import delta_scaling  # noqa: E402  (the repository root and benchmarks/ are on the path only now)
+import evaluate  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
-SWEEP = (0.5, 0.7, 0.9, 0.95)
 GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
 FINETUNE_RESULTS = "results-full-*.json"
 
@@ -43,8 +43,43 @@ def first(results: dict, n: int) -> dict:
         accuracies = d["accuracies"][:n]
         mean, ci95 = evaluate.confidence_interval(evaluate.torch.tensor(accuracies))
         domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
-    return results | {"domains": domains, "id_avg": evaluate._average(domains, "id"),
-                      "ood_avg": evaluate._average(domains, "ood")}
+    return results | {"domains": domains, **evaluate._averages(domains)}
+
+
+def selection_scores(select: Path) -> dict[str, dict[int, float]]:
+    """{setting: {seed: best ID-validation accuracy}} of benchmarks/select_lr.sh's finished runs."""
+    scores: dict[str, dict[int, float]] = {}
+    for done in sorted(select.glob("*-seed*/.done")):
+        setting, seed = done.parent.name.rsplit("-seed", 1)
+        records = [json.loads(line) for line in (done.parent / "metrics.jsonl").read_text().splitlines()]
+        scores.setdefault(setting, {})[int(seed)] = max(r["val_accuracy"] for r in records if "val_accuracy" in r)
+    return scores
+
+
+def survivors(scores: dict[str, dict[int, float]], prune: float) -> list[str]:
+    """The settings whose seed-0 score is within `prune` points of their method's best seed-0 score."""
+    best = {}
+    for setting, by_seed in scores.items():
+        method = setting.split("-")[0]
+        best[method] = max(best.get(method, -1.0), by_seed.get(0, -1.0))
+    return [s for s, by_seed in scores.items() if by_seed.get(0, -1.0) >= best[s.split("-")[0]] - prune]
+
+
+def selection_table(scores: dict[str, dict[int, float]]) -> str:
+    """Markdown: each setting's best validation accuracy per seed and their mean; the chosen one bold."""
+    seeds = sorted({seed for by_seed in scores.values() for seed in by_seed})
+    means = {s: statistics.fmean(v.values()) for s, v in scores.items()}
+    # only settings run with every seed compete: a one-seed mean is a noisier score
+    complete = [s for s in scores if len(scores[s]) == len(seeds)]
+    chosen = {m: max((s for s in complete if s.startswith(m + "-")), key=means.get, default=None)
+              for m in ("pmf", "smat")}
+    rows = ["| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+            "|---|" + "---:|" * (len(seeds) + 1)]
+    for setting in sorted(scores, key=lambda s: (s.split("-")[0], -means[s])):
+        cells = [f"{scores[setting][s]:.2f}" if s in scores[setting] else "pruned" for s in seeds]
+        mark = "**" if setting in chosen.values() else ""
+        rows.append(f"| {mark}{setting}{mark} | " + " | ".join(cells) + f" | {mark}{means[setting]:.2f}{mark} |")
+    return "\n".join(rows) + "\n\nBest ID-validation accuracy (%) of each run; bold: the chosen setting.\n"
 
 
 def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
@@ -71,8 +106,8 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
     rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
             "|---|---:|---:|---:|"]
     pres = {seed: pre for seed in smat.keys() | pmf.keys()}
-    for key, label in (("id_avg", "ID"), ("ood_avg", "OOD")):
-        if smat_mean[key] is not None:
+    for key, label in evaluate.AVERAGES.items():
+        if smat_mean.get(key) is not None:
             rows.append(f"| {label} | {seed_interval(smat, pmf, key)} | {seed_interval(smat, pres, key)} | "
                         f"{seed_interval(pmf, pres, key)} |")
     first_domain = next(iter(pre["domains"].values()))
@@ -127,76 +162,183 @@ def sparsity_rows(runs: dict[int, dict]) -> str:
             f"{statistics.fmean(r['task_update_density'] for r in reports):.3f}")
 
 
-def sweep(root: Path, episodes: int, plot: Path | None, references: dict[str, dict]) -> str:
-    lines = ["| τ | seeds | ID avg ± CI | OOD avg ± CI | real glyphs (OOD) avg ± CI | per-expert test sparsity "
-             "[min, max] | gates exactly 0/1 | task update density |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    points = {}
-    for tau in SWEEP:
-        prefix = "smat" if tau == 0.9 else f"smat-s{tau}"
-        runs = seeds_of(root, prefix)
-        if not runs:
+def split_cells(results: dict) -> str:
+    """ "ID | near OOD | far OOD" averages of a results dict."""
+    return " | ".join(f"{results[k]:.2f}" if results.get(k) is not None else "-" for k in KEYS)
+
+
+KEYS = ("id_avg", "near_ood_avg", "far_ood_avg")  # the averages the findings are about
+
+
+def shared(root: Path, prefixes: list[str], episodes: int) -> dict[str, dict]:
+    """{prefix: seed-mean results} over the seeds every prefix has, on the first `episodes` episodes."""
+    families = {p: seeds_of(root, p) for p in prefixes}
+    seeds = set.intersection(*(set(f) for f in families.values())) if families else set()
+    return {p: evaluate.average_runs([first(f[s], episodes) for s in sorted(seeds)]) for p, f in families.items()
+            if seeds}, sorted(seeds)
+
+
+def paired_sweep(root: Path, values: dict[float, str], reference: float, episodes: int, name: str) -> str:
+    """A sweep as paired differences against the `reference` value, on the seeds every value has, and
+    the per-episode least-squares slope of each average against the value (points per unit, 95% CI
+    over episodes); `values` maps each value to its run family's prefix."""
+    present = {v: p for v, p in values.items() if seeds_of(root, p)}
+    if reference not in present or len(present) < 2:
+        return ""
+    means, seeds = shared(root, list(present.values()), episodes)
+    base = means[present[reference]]
+    rows = [f"| {name} | ID | near OOD | far OOD | Δ ID vs {name} = {reference:g} | Δ near OOD | Δ far OOD | "
+            "per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for value, prefix in sorted(present.items()):
+        paired = evaluate.paired_difference(means[prefix], base)
+        runs = {s: r for s, r in seeds_of(root, prefix).items() if s in seeds}
+        sparsity = sparsity_rows(runs) if all("sparsity" in r for r in runs.values()) else "- | - | -"
+        rows.append(f"| {value:g} | {split_cells(means[prefix])} | "
+                    + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + f" | {sparsity} |")
+    slopes = []
+    xs = evaluate.torch.tensor(sorted(present), dtype=evaluate.torch.float64)
+    for key in KEYS:
+        groups = evaluate.average_groups(base["domains"]).get(key)
+        if not groups:
             continue
-        mean = evaluate.average_runs([first(r, episodes) for r in runs.values()])
-        points[tau] = mean
-        (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(mean, "id"), evaluate.split_average(mean, "ood")
-        glyphs = seeds_of(root / "glyphs", prefix, GLYPH_RESULTS)
-        glyph = evaluate.split_average(evaluate.average_runs(list(glyphs.values())), "ood") if glyphs else None
-        glyph_cell = f"{glyph[0]:.2f} ± {glyph[1]:.2f} ({len(glyphs)} seeds)" if glyph else "-"
-        lines.append(f"| {tau} | {len(runs)} | {id_mean:.2f} ± {id_ci:.2f} | {ood_mean:.2f} ± {ood_ci:.2f} | "
-                     f"{glyph_cell} | {sparsity_rows(runs)} |")
-    if plot and points:
-        evaluate.plot_sparsity_sweep(points, plot, {name: first(r, episodes) for name, r in references.items()})
-    return "\n".join(lines) + (f"\n\nEmbedded: the first {episodes} test episodes per domain of every run; real "
-                               f"glyphs: all of their episodes; seed-averaged per episode.\n")
+        # episodes × values: each episode's split average (over its domains) for every value
+        ys = evaluate.torch.stack([evaluate._per_episode(means[present[v]], groups).mean(1) for v in sorted(present)], 1)
+        centred = xs - xs.mean()
+        slope = 100 * (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)  # points per unit
+        mean, ci95 = evaluate.confidence_interval(slope / 100)
+        slopes.append(f"{evaluate.AVERAGES[key]} {mean:+.2f} ± {ci95:.2f}")
+    return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))} (seed-averaged per episode), the first "
+            f"{episodes} test episodes per domain, paired 95% CIs. Least-squares slope per unit {name}, "
+            f"per episode, 95% CI over episodes: " + "; ".join(slopes) + ".\n")
 
 
-def update_norm(run: Path, results: dict) -> float:
-    """‖θ_i − θ_pre‖ of the task model, for the router weights averaged over each test domain's
-    episodes, mean over domains (PMF: ‖δ‖, every task's update): how far the tested model moves."""
-    state = evaluate.torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"]
-    if "log_alpha" not in state:
-        return state["delta"].norm().item()
-    gates = evaluate.smat.eval_gates(state["log_alpha"])
-    norms = [((evaluate.torch.tensor(d["router_weights"]) @ gates) * state["delta"]).norm().item()
-             for d in results["domains"].values()]
-    return statistics.fmean(norms)
+def delta_scaling(root: Path, seeds: list[int], episodes: int) -> str:
+    """SMAT and PMF with δ scaled (benchmarks/delta_scaling.py), seed means, against SMAT at s = 1."""
+    files = {(m, s): root / f"{m}-seed{s}" / f"delta-scaling-{episodes}ep.json" for m in ("smat", "pmf") for s in seeds}
+    found = {k: load(f) for k, f in files.items() if f.exists()}
+    seeds = [s for s in seeds if ("smat", s) in found and ("pmf", s) in found]
+    if not seeds:
+        return ""
+    base = evaluate.average_runs([found["smat", s]["scales"]["1"] for s in seeds])
+    rows = ["| model | δ × s | ‖θ_i − θ_pre‖ | ID | near OOD | far OOD | Δ ID vs SMAT | Δ near OOD | Δ far OOD |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in ("smat", "pmf"):
+        scales = list(found[method, seeds[0]]["scales"])
+        for index, scale in enumerate(scales):
+            matched = method == "pmf" and "matched" in found[method, seeds[0]] and index == len(scales) - 1
+            runs = [found[method, s]["scales"][list(found[method, s]["scales"])[index]] for s in seeds]
+            mean = evaluate.average_runs(runs)
+            paired = evaluate.paired_difference(mean, base)
+            norm = statistics.fmean(list(found[method, s]["norms"].values())[index] for s in seeds)
+            label = "at SMAT's norm" if matched else scale
+            rows.append(f"| {method.upper()} | {label} | {norm:.2f} | {split_cells(mean)} | "
+                        + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + " |")
+    return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))}, the first {episodes} test episodes per "
+            f"domain, seed means, paired 95% CIs against SMAT as trained (s = 1).\n")
+
+
+def seed_level(a: dict[int, dict], b: dict[int, dict], key: str) -> tuple[float, float] | None:
+    """Mean and t half-width over seeds of a_s − b_s for one average (None without 2 shared seeds)."""
+    differences = [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s].get(key) is not None]
+    if len(differences) < 2:
+        return None
+    return statistics.fmean(differences), T_975[len(differences) - 1] * statistics.stdev(differences) / len(differences) ** 0.5
+
+
+def verdict(seed_ci: tuple[float, float] | None, sign: int) -> str:
+    """The paper's direction `sign` holds when the seed-level interval excludes 0 on that side."""
+    if seed_ci is None:
+        return "not testable here"
+    mean, half = seed_ci
+    if sign * mean - half > 0:
+        return "reproduced"
+    return "opposite" if sign * mean + half < 0 else "not reproduced (interval includes 0)"
 
 
 def ablations(root: Path, episodes: int, families: dict[str, str], reference: str) -> str:
-    """Each run family against `reference` on the same episodes (embedded: the first `episodes`;
-    real glyphs: all), seed means and paired differences, and how far its task model moves."""
-    rows = ["| run | seeds | ID avg | OOD avg | real glyphs avg | Δ ID vs SMAT | Δ OOD vs SMAT | Δ glyphs vs SMAT | "
-            "‖θ_i − θ_pre‖ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = evaluate.average_runs([first(r, episodes) for r in seeds_of(root, reference).values()])
-    base_glyphs = seeds_of(root / "glyphs", reference, GLYPH_RESULTS)
+    """Each run family against `reference` on the seeds both have and the same first `episodes`
+    episodes, seed means and paired differences, and how far its task model moves."""
+    rows = ["| run | seeds | ID | near OOD | far OOD | Δ ID vs SMAT | Δ near OOD | Δ far OOD | ‖θ_i − θ_pre‖ |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, prefix in families.items():
-        runs = seeds_of(root, prefix)
-        if not runs:
+        if not seeds_of(root, prefix):
             continue
-        mean = evaluate.average_runs([first(r, episodes) for r in runs.values()])
-        paired = evaluate.paired_difference(mean, base)
-        glyphs = seeds_of(root / "glyphs", prefix, GLYPH_RESULTS)
-        glyph_cell, glyph_diff = "-", "-"
-        if glyphs and base_glyphs:
-            n = min(len(next(iter(g["domains"].values()))["accuracies"]) for g in [*glyphs.values(), *base_glyphs.values()])
-            glyph_mean = evaluate.average_runs([first(g, n) for g in glyphs.values()])
-            glyph_base = evaluate.average_runs([first(g, n) for g in base_glyphs.values()])
-            glyph_cell = f"{glyph_mean['ood_avg']:.2f}"
-            glyph_diff = evaluate.difference_cell(evaluate.paired_difference(glyph_mean, glyph_base)["ood_avg"])
-        norm = statistics.fmean(update_norm(root / f"{prefix}-seed{s}", r) for s, r in runs.items())
-        rows.append(f"| {label} | {len(runs)} | {mean['id_avg']:.2f} | {mean['ood_avg']:.2f} | {glyph_cell} | "
-                    f"{evaluate.difference_cell(paired['id_avg'])} | {evaluate.difference_cell(paired['ood_avg'])} | {glyph_diff} | {norm:.2f} |")
-    return "\n".join(rows) + (f"\n\nEmbedded: the first {episodes} test episodes per domain; real glyphs: the "
-                              f"episodes all compared runs share; seed means, paired 95% CIs.\n")
+        means, seeds = shared(root, [prefix, reference], episodes)
+        if not seeds:
+            continue
+        paired = evaluate.paired_difference(means[prefix], means[reference])
+        norm = statistics.fmean(delta_scaling.tested_update_norm(root / f"{prefix}-seed{s}") for s in seeds)
+        rows.append(f"| {label} | {len(seeds)} | {split_cells(means[prefix])} | "
+                    + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + f" | {norm:.2f} |")
+    return "\n".join(rows) + (f"\n\nThe first {episodes} test episodes per domain; seed means over the seeds "
+                              f"each row shares with SMAT, paired 95% CIs.\n")
+
+
+def teacher_lead(root: Path, prefix: str, last: int = 30) -> str:
+    """The dense teacher's query-accuracy lead over the student (teacher_lead in metrics.jsonl, points),
+    mean of each run's last `last` training records."""
+    cells = []
+    for run in sorted(root.glob(f"{prefix}-seed*/metrics.jsonl")):
+        records = [json.loads(line) for line in run.read_text().splitlines()]
+        leads = [r["teacher_lead"] for r in records if "teacher_lead" in r][-last:]
+        if leads:
+            cells.append(f"{run.parent.name} {100 * statistics.fmean(leads):+.2f}")
+    return ", ".join(cells) or "-"
+
+
+def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict], episodes: int) -> str:
+    """The paper's four findings, each as its measured paired difference: the seed-level interval
+    (t over seeds; the method-level evidence) beside the episode-level one, and the verdict."""
+    pres = {s: pre for s in smat.keys() | pmf.keys()}
+    smat_mean, pmf_mean = evaluate.average_runs(list(smat.values())), evaluate.average_runs(list(pmf.values()))
+    rows = ["| finding (the paper's direction) | comparison | seed-level (t over seeds) | episode-level | verdict |",
+            "|---|---|---:|---:|---|"]
+
+    def row(finding, label, a, b, a_mean, b_mean, key, sign):
+        seed_ci = seed_level(a, b, key)
+        episode = evaluate.difference_cell(evaluate.paired_difference(a_mean, b_mean).get(key))
+        cell = f"{seed_ci[0]:+.2f} ± {seed_ci[1]:.2f}" if seed_ci else "-"
+        rows.append(f"| {finding} | {label} | {cell} | {episode} | {verdict(seed_ci, sign)} |")
+
+    for key in ("near_ood_avg", "far_ood_avg"):
+        row("(a) SMAT > PMF on OOD", f"SMAT − PMF, {evaluate.AVERAGES[key]}", smat, pmf, smat_mean, pmf_mean, key, +1)
+    for key in ("near_ood_avg", "far_ood_avg"):
+        row("(b) meta-tuning improves OOD", f"SMAT − Pre, {evaluate.AVERAGES[key]}", smat, pres, smat_mean, pre, key, +1)
+        row("(b) ... and PMF ties Pre", f"PMF − Pre, {evaluate.AVERAGES[key]}", pmf, pres, pmf_mean, pre, key, +1)
+    for (finding, prefix, key, sign) in (("(c) lower τ: more ID", "smat-s0.5", "id_avg", +1),
+                                         ("(c) higher τ: more OOD", "smat-s0.5", "near_ood_avg", -1),
+                                         ("(d) more experts help", "smat-m1", "id_avg", -1),
+                                         ("(d) more experts help", "smat-m1", "near_ood_avg", -1)):
+        other = seeds_of(root, prefix)
+        if not other:
+            continue
+        shared_seeds = sorted(other.keys() & smat.keys())
+        a = {s: first(other[s], episodes) for s in shared_seeds}
+        b = {s: first(smat[s], episodes) for s in shared_seeds}
+        label = f"{prefix.removeprefix('smat-').replace('s', 'τ ', 1).replace('m', 'M ', 1)} − default, {evaluate.AVERAGES[key]}"
+        row(finding, label, a, b, evaluate.average_runs(list(a.values())), evaluate.average_runs(list(b.values())),
+            key, sign)
+    return ("\n".join(rows) + "\n\nVerdict: reproduced where the seed-level 95% interval excludes 0 in the "
+            "paper's direction. Sweeps: the first " f"{episodes} test episodes per domain, their shared seeds.\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, nargs="?", default=Path("runs/results"))
     parser.add_argument("--sweep-episodes", type=int, default=200)
+    parser.add_argument("--delta-episodes", type=int, default=100)
     parser.add_argument("--plot", type=Path, default=None, help="write the sparsity-sweep picture here")
+    parser.add_argument("--survivors", type=float, default=None, metavar="POINTS",
+                        help="print the lr-selection settings within POINTS of their method's best seed-0 "
+                             "validation accuracy, as NAME|NAME (for benchmarks/select_lr.sh), and stop")
     args = parser.parse_args()
-    root = args.root
+    root, episodes = args.root, args.sweep_episodes
+    if args.survivors is not None:
+        print("|".join(survivors(selection_scores(root), args.survivors)))
+        return
+    if (root / "select").is_dir():
+        print("#### Learning-rate selection on ID validation classes\n\n" + selection_table(selection_scores(root / "select")))
     pmf, smat = seeds_of(root, "pmf"), seeds_of(root, "smat")
     pre = next(iter(smat.values()))["baselines"]["Pre"]
     # Pre depends on the shipped backbone and the episodes only: every run must have measured the same
@@ -207,21 +349,30 @@ def main() -> None:
     print("| method | per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |\n"
           "|---|---:|---:|---:|")
     print(f"| SMAT τ = 0.9 | {sparsity_rows(smat)} |\n")
-    references = {"Pre": pre, "PMF": evaluate.average_runs(list(pmf.values()))}
-    print("#### Sparsity sweep\n\n" + sweep(root, args.sweep_episodes, args.plot, references))
-    glyph_pmf = seeds_of(root / "glyphs", "pmf", GLYPH_RESULTS)
-    glyph_smat = seeds_of(root / "glyphs", "smat", GLYPH_RESULTS)
-    if glyph_smat and glyph_pmf:
-        glyph_pre = next(iter(glyph_smat.values()))["baselines"]["Pre"]
-        print(comparison(glyph_pre, glyph_pmf, glyph_smat, "Real glyphs (OOD), zero-shot"))
+    print(f"Teacher lead over the student (points, last 30 training records): {teacher_lead(root, 'smat')}\n")
+    print("#### The paper's findings\n\n" + findings(root, pre, pmf, smat, episodes))
+    for tree, title in (("glyphs", "Real glyphs as built (dark ink on white), zero-shot"),
+                        ("glyphs-inverted", "Real glyphs inverted (light ink on dark), zero-shot")):
+        glyph_pmf = seeds_of(root / f"{tree}-results", "pmf", GLYPH_RESULTS)
+        glyph_smat = seeds_of(root / f"{tree}-results", "smat", GLYPH_RESULTS)
+        if glyph_smat and glyph_pmf:
+            print(comparison(next(iter(glyph_smat.values()))["baselines"]["Pre"], glyph_pmf, glyph_smat, title))
+    print("#### δ scaling: update size against sparse routing\n\n"
+          + delta_scaling(root, sorted(smat), args.delta_episodes))
+    families = {"SMAT without the dense teacher": "smat-noteacher", "SMAT without the KD to Pre": "smat-nokl"}
+    print("#### Ablations, one switch each\n\n" + ablations(root, episodes, families, "smat"))
+    taus = {0.9: "smat"} | {float(p.name.split("-s")[1].split("-seed")[0]): p.name.split("-seed")[0]
+                            for p in root.glob("smat-s*-seed*")}
+    print("#### Sparsity sweep\n\n" + paired_sweep(root, taus, 0.9, episodes, "τ"))
+    experts = {8.0: "smat"} | {float(p.name.split("-m")[1].split("-seed")[0]): p.name.split("-seed")[0]
+                               for p in root.glob("smat-m*-seed*")}
+    print("#### Expert sweep\n\n" + paired_sweep(root, experts, 8.0, episodes, "M"))
+    if args.plot:
+        means, _ = shared(root, list(taus.values()), episodes)
+        if means:
+            evaluate.plot_sparsity_sweep({t: means[p] for t, p in taus.items() if p in means}, args.plot,
+                                         {"Pre": first(pre, episodes), "PMF": first(evaluate.average_runs(list(pmf.values())), episodes)})
     print(fine_tuned(root / "finetune", "Embedded benchmark, full fine-tuning", {"Pre": {0: pre}, "PMF": pmf, "SMAT": smat}))
-    if glyph_smat and glyph_pmf:
-        print(fine_tuned(root / "glyphs-finetune", "Real glyphs (OOD), full fine-tuning",
-                         {"Pre": {0: glyph_pre}, "PMF": glyph_pmf, "SMAT": glyph_smat}))
-    families = {"SMAT (τ = 0.9)": "smat", "SMAT without the KL to Pre": "smat-nokl",
-                "SMAT without the teacher": "smat-noteacher", "SMAT τ = 0.5": "smat-s0.5",
-                "PMF (δ lr 0.05)": "pmf", "PMF, δ lr 0.02": "pmf-lr0.02"}
-    print("#### Ablations: what keeps SMAT's OOD accuracy\n\n" + ablations(root, args.sweep_episodes, families, "smat"))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ def test_same_seed_same_bytes_other_seed_other_bytes(built, tmp_path):
     assert other.keys() == pngs(built).keys() and other != pngs(built)
 
 
+def test_the_other_polarity_is_the_same_images_inverted_pixel_for_pixel(built, tmp_path):
+    inverted = tmp_path / "inverted"
+    glyph_check.build(inverted, images=IMAGES, size=SIZE, max_classes=CLASSES, polarity="light-on-dark")
+    names = sorted(p.relative_to(built) for p in built.glob("*/*/*.png"))
+    assert names == sorted(p.relative_to(inverted) for p in inverted.glob("*/*/*.png"))
+    for name in names:
+        dark_ink, light_ink = (np.asarray(Image.open(root / name), dtype=np.int16) for root in (built, inverted))
+        assert (dark_ink + light_ink == 255).all()
+    assert glyph_check.json.loads((inverted / "glyph_check.json").read_text())["polarity"] == "light-on-dark"
+    with pytest.raises(glyph_check.BuildError, match="--polarity"):
+        glyph_check.build(tmp_path / "bad", polarity="grey")
+
+
 def test_a_letter_renders_the_same_whatever_else_is_chosen(built, tmp_path):
     more = pngs(tiny(tmp_path / "more", max_classes=CLASSES + 3))
     shared = {name: png for name, png in pngs(built).items() if name in more}

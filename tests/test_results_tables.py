@@ -12,7 +12,8 @@ import torch
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {"near": "id", "far": "ood"}
+SPLITS = {"near": "id", "far": "ood", "close": "ood"}
+DISTANCE = {"far": "far", "close": "near"}  # the OOD domains' designed distance
 PROTOCOL = {"kind": "fixed", "ways": 5, "shots": 5, "queries": 15}
 CANDIDATES = [0.0, 1e-5, 1e-4, 1e-3, 1e-2]
 
@@ -26,8 +27,8 @@ def results(seed: int, level: float, finetune: str = "none", episodes: int = 12)
         accuracies = (level + 0.2 * torch.rand(episodes, generator=g)).clamp(0, 1).tolist()
         mean, ci95 = evaluate.confidence_interval(torch.tensor(accuracies))
         domains[name] = {"split": split, "mean": mean, "ci95": ci95, "episodes": episodes, "accuracies": accuracies,
-                         "router_weights": [0.5, 0.5]}
-    out = {"domains": domains, "id_avg": domains["near"]["mean"], "ood_avg": domains["far"]["mean"],
+                         "router_weights": [0.5, 0.5]} | ({"distance": DISTANCE[name]} if name in DISTANCE else {})
+    out = {"domains": domains, **evaluate._averages(domains),
            "method": "x", "finetune": finetune, "partition": "test", "seed": 0, "protocol": PROTOCOL}
     if finetune != "none":
         chosen = {name: CANDIDATES[(seed + i) % len(CANDIDATES)] for i, name in enumerate(SPLITS)}
@@ -57,18 +58,25 @@ def write_tree(root: Path) -> dict:
             (root / "finetune" / run.name / "results-full-5w5s15q-embedded-seed0-12ep.json").write_text(json.dumps(tuned))
             made[(method, seed)], made[(method, seed, "zero-shot")] = tuned, zero_shot
             # the real-glyph check: zero-shot, and fine-tuned with a given lr (no validation classes)
-            for folder, name, content in (("glyphs", "results-zeroshot-x.json", zero_shot),
-                                          ("glyphs-finetune", "results-full-x.json", fixed_lr(tuned))):
+            for folder, name, content in (("glyphs-results", "results-zeroshot-x.json", zero_shot),
+                                          ("glyphs-inverted-results", "results-zeroshot-x.json", zero_shot)):
                 (root / folder / run.name).mkdir(parents=True)
                 (root / folder / run.name / name).write_text(json.dumps(content))
+    for prefix, level in (("smat-s0.5", 0.66), ("smat-m1", 0.62)):  # a sweep point each, 2 seeds
+        for seed in (0, 1):
+            run = root / f"{prefix}-seed{seed}"
+            run.mkdir()
+            made[(prefix, seed)] = results(seed, level) | {"baselines": {"Pre": pre}}
+            (run / "results.json").write_text(json.dumps(made[(prefix, seed)]))
+    for setting, scores in (("pmf-lr0.02", (81.0, 80.0)), ("pmf-lr0.05", (80.9, 81.5)), ("pmf-lr0.1", (70.0,)),
+                            ("smat-lr0.05-t1", (82.0, 81.0))):
+        for seed, score in enumerate(scores):
+            run = root / "select" / f"{setting}-seed{seed}"
+            run.mkdir(parents=True)
+            (run / ".done").touch()
+            (run / "metrics.jsonl").write_text(json.dumps({"episode": 4, "val_accuracy": score - 1}) + "\n"
+                                               + json.dumps({"episode": 8, "val_accuracy": score}) + "\n")
     return made | {"Pre+full": tuned_pre}
-
-
-def fixed_lr(tuned: dict) -> dict:
-    """Fine-tuned results as `--finetune-lr 0.0001` leaves them: no search, the lr in every domain."""
-    strip = lambda r: {k: v for k, v in r.items() if k != "finetune_lr_search"} | {  # noqa: E731
-        "domains": {n: d | {"finetune_lr": 1e-4} for n, d in r["domains"].items()}}
-    return strip(tuned) | {"baselines": {"Pre+full": strip(tuned["baselines"]["Pre+full"])}}
 
 
 def test_the_fine_tuning_tables_hold_seed_means_paired_differences_gains_and_the_chosen_lrs(tmp_path):
@@ -85,16 +93,52 @@ def test_the_fine_tuning_tables_hold_seed_means_paired_differences_gains_and_the
     assert evaluate.difference_cell(evaluate.paired_difference(smat, made["Pre+full"])["id_avg"]) in section
     gain = evaluate.paired_difference(smat, evaluate.average_runs([made[("smat", s, "zero-shot")] for s in (0, 1)]))
     assert f"| SMAT | {evaluate.difference_cell(gain['id_avg'])} | {evaluate.difference_cell(gain['ood_avg'])} |" in section
-    # SMAT seed 0 chose candidates 0 and 1, seed 1 candidates 1 and 2; Pre (seed 9) 4 and 0 (see `results`)
-    assert "| SMAT+full | 1 | 2 | 1 | 0 | 0 |" in section and "| Pre+full | 1 | 0 | 0 | 0 | 1 |" in section
+    # SMAT seed 0 chose candidates 0, 1, 2, seed 1 candidates 1, 2, 3; Pre (seed 9) 4, 0, 1 (see `results`)
+    assert "| SMAT+full | 1 | 2 | 2 | 1 | 0 |" in section and "| Pre+full | 1 | 1 | 0 | 0 | 1 |" in section
 
 
-def test_real_glyphs_fine_tuned_with_a_given_lr_get_their_table_and_say_the_lr(tmp_path):
+def tables(root: Path) -> str:
+    return subprocess.run([sys.executable, "benchmarks/results_tables.py", str(root), "--sweep-episodes", "12"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_lr_selection_picks_the_best_mean_over_complete_seeds_and_marks_pruned_settings(tmp_path):
     write_tree(tmp_path)
 
-    shown = subprocess.run([sys.executable, "benchmarks/results_tables.py", str(tmp_path)], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout
+    section = tables(tmp_path).split("#### Learning-rate selection")[1].split("####")[0]
 
-    section = shown.split("#### Real glyphs (OOD), full fine-tuning")[1].split("####")[0]
-    assert "| Pre+full | PMF+full (2 seeds) | SMAT+full (2 seeds) |" in section and "| SMAT |" in section
-    assert "Fine-tuning lr given (--finetune-lr): 0.0001." in section
+    assert "| **pmf-lr0.05** | 80.90 | 81.50 | **81.20** |" in section  # best mean, not best seed 0
+    assert "| pmf-lr0.1 | 70.00 | pruned | 70.00 |" in section
+    assert "| **smat-lr0.05-t1** |" in section
+
+
+def test_near_and_far_ood_the_sweeps_and_the_findings_are_paired_against_the_default(tmp_path):
+    made = write_tree(tmp_path)
+
+    shown = tables(tmp_path)
+
+    main = shown.split("#### Embedded benchmark, zero-shot")[1].split("####")[0]
+    smat = evaluate.average_runs([made[("smat", 0, "zero-shot")], made[("smat", 1, "zero-shot")]])
+    pre = made[("smat", 0, "zero-shot")]["baselines"]["Pre"]
+    near = evaluate.paired_difference(smat, pre)["near_ood_avg"]
+    assert "| near OOD avg |" in main and evaluate.difference_cell(near) in main
+    sweep = shown.split("#### Sparsity sweep")[1].split("####")[0]
+    swept = evaluate.average_runs([made[("smat-s0.5", 0)], made[("smat-s0.5", 1)]])
+    assert evaluate.difference_cell(evaluate.paired_difference(swept, smat)["id_avg"]) in sweep
+    assert "slope per unit τ" in sweep and "| 0.9 |" in sweep
+    assert "| 1 |" in shown.split("#### Expert sweep")[1]
+    found = shown.split("#### The paper's findings")[1].split("####")[0]
+    assert found.count("| (a) SMAT > PMF on OOD |") == 2 and "(d) more experts help" in found
+    assert "Real glyphs inverted (light ink on dark)" in shown and "Real glyphs as built" in shown
+
+
+def test_a_verdict_needs_the_seed_level_interval_to_exclude_zero_in_the_papers_direction():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("results_tables", ROOT / "benchmarks" / "results_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    assert module.verdict((1.0, 0.5), +1) == "reproduced"
+    assert module.verdict((1.0, 1.5), +1).startswith("not reproduced")
+    assert module.verdict((-1.0, 0.5), +1) == "opposite" and module.verdict((-1.0, 0.5), -1) == "reproduced"
+    assert module.verdict(None, +1) == "not testable here"
