@@ -270,9 +270,9 @@ def _mosaics(rng, n_classes, n_images, res):
 
 
 # Near-OOD domains [project design, docs/benchmark.md "Near and far OOD"]: each takes the class-defining
-# structure of one ID domain and draws it with another renderer (another primitive, outline instead
-# of fill, another polarity), so it shares no class and no rendering with that domain but rewards
-# what meta-tuning learned there: the role MNIST plays beside Omniglot in Meta-Dataset.
+# structure of one ID domain and draws it with another renderer (another primitive, straight edges
+# instead of smooth ones, another polarity), so it shares no class and no rendering with that domain
+# but rewards what meta-tuning learned there: the role MNIST plays beside Omniglot in Meta-Dataset.
 
 
 def bezier_points(start: np.ndarray, control: np.ndarray, end: np.ndarray, pieces: int) -> np.ndarray:
@@ -311,9 +311,10 @@ def _scripts(rng, n_classes, n_images, res):
     return in_chunks(render, pose, seg_start, seg_end, width, seg_keep, size=128)
 
 
-def _outlines(rng, n_classes, n_images, res):
-    """Near OOD to shapes: a class is a star polygon (5-8 vertices at random radii), drawn as its
-    outline only, where shapes fills smooth Fourier silhouettes."""
+def _stars(rng, n_classes, n_images, res):
+    """Near OOD to shapes: a class is a filled star polygon, 5-8 vertices at random radii joined by
+    straight edges (the radius interpolated linearly in angle between vertices), where shapes fills
+    smooth Fourier silhouettes."""
     max_vertices = 8
     n_vertices = rng.integers(5, max_vertices + 1, n_classes)
     radii = rng.uniform(0.3, 0.75, (n_classes, max_vertices))
@@ -321,29 +322,28 @@ def _outlines(rng, n_classes, n_images, res):
     n = n_classes * n_images
     n_vertices, offset = np.repeat(n_vertices, n_images), np.repeat(offset, n_images)
     radii = np.repeat(radii, n_images, 0) * rng.uniform(0.9, 1.1, (n, max_vertices))
-    angles = offset[:, None] + 2 * np.pi * np.arange(max_vertices)[None] / n_vertices[:, None]
-    corners = np.stack([radii * np.cos(angles), radii * np.sin(angles)], -1)  # (n, max_vertices, 2)
-    following = np.where(np.arange(max_vertices)[None] + 1 < n_vertices[:, None],
-                         np.arange(1, max_vertices + 1)[None], 0)  # the next vertex, wrapping at n_vertices
-    ends = np.take_along_axis(corners, following[..., None], 1)
-    seg_keep = (np.arange(max_vertices)[None] < n_vertices[:, None])[..., None, None]
-    width = rng.uniform(0.04, 0.07, (n, 1, 1, 1))
 
-    def render(pose, corners, ends, width, seg_keep):
+    def render(pose, n_vertices, offset, radii):
         x, y = object_coords(pose, res)
-        return (soft_edge(width - segment_distance(x, y, corners, ends), res) * seg_keep).max(1)
+        r, phi = np.hypot(x, y), np.arctan2(y, x)
+        count = n_vertices[:, None, None]
+        position = ((phi - offset[:, None, None]) % (2 * np.pi)) / (2 * np.pi) * count  # in vertex steps
+        vertex = np.floor(position).astype(np.int64)
+        between = position - vertex
+        image = np.arange(len(n_vertices))[:, None, None]
+        boundary = radii[image, vertex % count] * (1 - between) + radii[image, (vertex + 1) % count] * between
+        return soft_edge(boundary - r, res)
 
     pose = random_poses(rng, n, 0.5, (0.8, 1.1), 0.15)
-    return in_chunks(render, pose, corners, ends, width, seg_keep)
+    return in_chunks(render, pose, n_vertices, offset, radii)
 
 
 def _specks(rng, n_classes, n_images, res):
-    """Near OOD to constellations: a class is 5-7 points, each drawn as a small hollow square turned
-    with the pose instead of a filled disc, dark on light (the polarity flip is applied by
-    EMBEDDED_DOMAINS)."""
+    """Near OOD to constellations: a class is 5-7 points, each drawn as a small filled square turned
+    with the pose instead of a disc, dark on light (the polarity flip is applied by EMBEDDED_DOMAINS)."""
     n_dots = 7
     centres = rng.uniform(-0.7, 0.7, (n_classes, n_dots, 2))
-    size = rng.uniform(0.08, 0.15, (n_classes, n_dots))
+    size = rng.uniform(0.06, 0.12, (n_classes, n_dots))  # half the side
     present = rng.uniform(size=(n_classes, n_dots)) < 0.8
     present[:, :5] = True
     n = n_classes * n_images
@@ -355,8 +355,7 @@ def _specks(rng, n_classes, n_images, res):
         x, y = object_coords(pose, res)
         box = np.maximum(np.abs(x[:, None] - centres[..., 0, None, None]),
                          np.abs(y[:, None] - centres[..., 1, None, None]))  # L∞ distance: a square
-        frame = soft_edge(0.035 - np.abs(box - size[..., None, None]), res)
-        return (frame * present[..., None, None]).max(1)
+        return (soft_edge(size[..., None, None] - box, res) * present[..., None, None]).max(1)
 
     pose = random_poses(rng, n, 0.4, (0.85, 1.1), 0.15)
     return in_chunks(render, pose, centres, size, present)
@@ -382,7 +381,7 @@ EMBEDDED_DOMAINS: dict[str, Domain] = {
     "rosettes": Domain(_rosettes, "ood", "far"),
     "mosaics": Domain(_mosaics, "ood", "far"),
     "scripts": Domain(_scripts, "ood", "near", dark_on_light=True),  # near glyphs
-    "outlines": Domain(_outlines, "ood", "near"),  # near shapes
+    "stars": Domain(_stars, "ood", "near"),  # near shapes
     "specks": Domain(_specks, "ood", "near", dark_on_light=True),  # near constellations
 }
 

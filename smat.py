@@ -189,7 +189,7 @@ class Config:
     @classmethod
     def pmf(cls, **overrides) -> "Config":
         """Dense ProtoNet meta-tuning (P>M>F, Hu et al. CVPR 2022): one dense expert, prototypes, CE."""
-        return cls(**{**PMF_SWITCHES, **overrides})
+        return cls(**{**PMF_SWITCHES, **PMF_CPU_LRS, **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> "Config":
@@ -211,6 +211,9 @@ class Config:
 # PMF is SMAT with these parts switched off: one dense expert, no masks or router, no inner step, no
 # teacher, no sparsity constraint.
 PMF_SWITCHES = dict(method="pmf", n_experts=1, teacher=False, kl_to_pretrained=False, inner_step=False)
+# PMF's own δ lr in the CPU profile, chosen on ID validation classes as SMAT's was (benchmarks/select_lr.sh,
+# docs/results.md); the paper profile keeps the official 1e-4 for both methods.
+PMF_CPU_LRS = dict(delta_lr=0.02)
 
 
 # --- § 2 Hard-concrete gates [Louizos, Welling & Kingma, ICLR 2018, §4] -------------------------

@@ -657,6 +657,8 @@ def profile_defaults(field: str) -> str:
     text = values["cpu"] if len(set(values.values())) == 1 else ", ".join(f"{k} {v}" for k, v in values.items())
     if field in smat.PMF_SWITCHES and field != "method":
         text += f"; {shown(smat.PMF_SWITCHES[field])} with --method pmf"
+    if field in smat.PMF_CPU_LRS:
+        text += f"; cpu {shown(smat.PMF_CPU_LRS[field])} with --method pmf"
     return text
 
 
@@ -787,7 +789,7 @@ def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path 
             raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)} (only --episodes may change)")
         return dataclasses.replace(saved, **overrides)
     if overrides.get("method") == "pmf":
-        overrides = smat.PMF_SWITCHES | overrides
+        overrides = smat.PMF_SWITCHES | (smat.PMF_CPU_LRS if profile == "cpu" else {}) | overrides
     return Config(**overrides) if profile == "cpu" else Config.paper(**overrides)
 
 

@@ -17,6 +17,8 @@
 #    frozen model (--no-kl-to-pretrained), one switch each; tested on SWEEP_EPISODES per domain.
 # 5. sparsity sweep: SMAT at τ in TAUS (τ = 0.9 is the main runs), SWEEP_SEEDS, 8 experts.
 # 6. expert sweep: SMAT with M in EXPERTS (M = 8 is the main runs), SWEEP_SEEDS, τ = 0.9.
+#    4-6 share one queue, most informative first (--no-teacher, τ 0.5, M 1, τ 0, --no-kl-to-pretrained,
+#    τ 0.95, M 16, then the rest), all sweep seeds of one setting before the next.
 # 7. (FINETUNE=1) full fine-tuning [SMAT §5.2] of PMF, SMAT and Pre of each seed of 1 on the first
 #    FINETUNE_EPISODES test episodes per domain, lr chosen per domain on validation episodes, into
 #    $OUT/finetune/<run>/: about 25 minutes a seed on 2 cores.
@@ -79,16 +81,24 @@ done | parallel
     for tree in glyphs glyphs-inverted; do echo "glyphs $tree pmf-seed$seed"; echo "glyphs $tree smat-seed$seed"; done
     echo "scale smat-seed$seed"; echo "scale pmf-seed$seed --norm-of $OUT/smat-seed$seed"    # 3
   done
-  for seed in $SWEEP_SEEDS; do                                                              # 4
-    echo "train smat-noteacher-seed$seed --seed $seed --no-teacher --test-episodes $SWEEP_EPISODES"
-    echo "train smat-nokl-seed$seed --seed $seed --no-kl-to-pretrained --test-episodes $SWEEP_EPISODES"
+  # 4-6, most informative first (each for every sweep seed), so a run cut short keeps paired seeds
+  sweep=(noteacher "s0.5" m1 s0 nokl s0.95 m16)
+  for tau in $TAUS; do [[ " ${sweep[*]} " == *" s$tau "* ]] || sweep+=("s$tau"); done
+  for m in $EXPERTS; do [[ " ${sweep[*]} " == *" m$m "* ]] || sweep+=("m$m"); done
+  for item in "${sweep[@]}"; do
+    case $item in
+      s*) [[ " $TAUS " == *" ${item#s} "* ]] || continue ;;
+      m*) [[ " $EXPERTS " == *" ${item#m} "* ]] || continue ;;
+    esac
+    for seed in $SWEEP_SEEDS; do
+      case $item in
+        noteacher) echo "train smat-noteacher-seed$seed --seed $seed --no-teacher --test-episodes $SWEEP_EPISODES" ;;
+        nokl) echo "train smat-nokl-seed$seed --seed $seed --no-kl-to-pretrained --test-episodes $SWEEP_EPISODES" ;;
+        s*) echo "train smat-$item-seed$seed --sparsity ${item#s} --experts 8 --seed $seed --test-episodes $SWEEP_EPISODES" ;;
+        m*) echo "train smat-$item-seed$seed --sparsity 0.9 --experts ${item#m} --seed $seed --test-episodes $SWEEP_EPISODES" ;;
+      esac
+    done
   done
-  for seed in $SWEEP_SEEDS; do for tau in $TAUS; do                                         # 5
-    echo "train smat-s$tau-seed$seed --sparsity $tau --experts 8 --seed $seed --test-episodes $SWEEP_EPISODES"
-  done; done
-  for seed in $SWEEP_SEEDS; do for m in $EXPERTS; do                                        # 6
-    echo "train smat-m$m-seed$seed --sparsity 0.9 --experts $m --seed $seed --test-episodes $SWEEP_EPISODES"
-  done; done
 } | parallel
 if [ "${FINETUNE:-0}" = 1 ]; then for seed in $SEEDS; do echo "finetune $seed"; done | parallel; fi   # 7
 echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs-results/<run>/ and $OUT/glyphs-inverted-results/<run>/;"\

@@ -56,27 +56,18 @@ def selection_scores(select: Path) -> dict[str, dict[int, float]]:
     return scores
 
 
-def survivors(scores: dict[str, dict[int, float]], prune: float) -> list[str]:
-    """The settings whose seed-0 score is within `prune` points of their method's best seed-0 score."""
-    best = {}
-    for setting, by_seed in scores.items():
-        method = setting.split("-")[0]
-        best[method] = max(best.get(method, -1.0), by_seed.get(0, -1.0))
-    return [s for s, by_seed in scores.items() if by_seed.get(0, -1.0) >= best[s.split("-")[0]] - prune]
-
-
 def selection_table(scores: dict[str, dict[int, float]]) -> str:
     """Markdown: each setting's best validation accuracy per seed and their mean; the chosen one bold."""
     seeds = sorted({seed for by_seed in scores.values() for seed in by_seed})
     means = {s: statistics.fmean(v.values()) for s, v in scores.items()}
-    # only settings run with every seed compete: a one-seed mean is a noisier score
+    # only settings run with every seed compete (a one-seed mean is a noisier score)
     complete = [s for s in scores if len(scores[s]) == len(seeds)]
     chosen = {m: max((s for s in complete if s.startswith(m + "-")), key=means.get, default=None)
               for m in ("pmf", "smat")}
     rows = ["| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
             "|---|" + "---:|" * (len(seeds) + 1)]
     for setting in sorted(scores, key=lambda s: (s.split("-")[0], -means[s])):
-        cells = [f"{scores[setting][s]:.2f}" if s in scores[setting] else "pruned" for s in seeds]
+        cells = [f"{scores[setting][s]:.2f}" if s in scores[setting] else "-" for s in seeds]
         mark = "**" if setting in chosen.values() else ""
         rows.append(f"| {mark}{setting}{mark} | " + " | ".join(cells) + f" | {mark}{means[setting]:.2f}{mark} |")
     return "\n".join(rows) + "\n\nBest ID-validation accuracy (%) of each run; bold: the chosen setting.\n"
@@ -329,14 +320,8 @@ def main() -> None:
     parser.add_argument("--sweep-episodes", type=int, default=200)
     parser.add_argument("--delta-episodes", type=int, default=100)
     parser.add_argument("--plot", type=Path, default=None, help="write the sparsity-sweep picture here")
-    parser.add_argument("--survivors", type=float, default=None, metavar="POINTS",
-                        help="print the lr-selection settings within POINTS of their method's best seed-0 "
-                             "validation accuracy, as NAME|NAME (for benchmarks/select_lr.sh), and stop")
     args = parser.parse_args()
     root, episodes = args.root, args.sweep_episodes
-    if args.survivors is not None:
-        print("|".join(survivors(selection_scores(root), args.survivors)))
-        return
     if (root / "select").is_dir():
         print("#### Learning-rate selection on ID validation classes\n\n" + selection_table(selection_scores(root / "select")))
     pmf, smat = seeds_of(root, "pmf"), seeds_of(root, "smat")

@@ -317,6 +317,10 @@ def test_help_defaults_name_each_profile_where_they_differ_and_what_pmf_switches
     assert train.profile_defaults("episodes") == f"cpu {cpu.episodes}, paper {paper.episodes}"
     assert train.profile_defaults("n_experts") == f"{cpu.n_experts}; 1 with --method pmf"
     assert train.profile_defaults("teacher") == "on; off with --method pmf"
+    # PMF's δ lr was chosen on ID validation classes for the CPU profile only
+    assert train.profile_defaults("delta_lr").endswith(f"; cpu {Config.pmf().delta_lr} with --method pmf")
+    assert train.make_config("paper", {"method": "pmf", "n_experts": 1}, None).delta_lr == paper.delta_lr
+    assert train.make_config("cpu", {"method": "pmf", "n_experts": 1}, None) == Config.pmf()
     assert len(train.profile_defaults("data")) < 60  # the paper's ten sources, shortened
 
 
