@@ -11,7 +11,7 @@
 # run's final test is cut to the minimum (2 episodes per domain) and never read, and no OOD domain is
 # seen.
 #   PMF:  δ lr ∈ {0.01, 0.02, 0.05, 0.1}
-#   SMAT: δ lr ∈ {0.02, 0.05, 0.1, 0.2} × (inner lr, teacher lr) ∈ {(1e-3, 5e-3) official, (4e-3, 2e-2) 4×}
+#   SMAT: δ lr ∈ {0.02, 0.05, 0.1, 0.2, 0.4} × (inner lr, teacher lr) ∈ {(1e-3, 5e-3) official, (4e-3, 2e-2) 4×}
 # The 4× pair is the teacher lr at which the dense teacher's own query-accuracy lead over the student
 # peaked in an 80-episode probe on *training* tasks (teacher_accuracy − accuracy in metrics.jsonl:
 # +1.3 points at 5e-3, +3.9 at 2e-2, +0.9 at 5e-2, −5.4 at 0.1), with the inner lr scaled alike.
@@ -39,7 +39,7 @@ for seed in $SELECT_SEEDS; do
   for lr in 0.01 0.02 0.05 0.1; do
     echo "pmf-lr$lr-seed$seed --method pmf --experts 1 --seed $seed --set delta_lr=$lr"
   done
-  for lr in 0.02 0.05 0.1 0.2; do
+  for lr in 0.02 0.05 0.1 0.2 0.4; do
     echo "smat-lr$lr-t1-seed$seed --seed $seed --set delta_lr=$lr --set inner_lr=0.001 --set teacher_lr=0.005"
     echo "smat-lr$lr-t4-seed$seed --seed $seed --set delta_lr=$lr --set inner_lr=0.004 --set teacher_lr=0.02"
   done

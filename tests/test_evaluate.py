@@ -364,6 +364,28 @@ def test_the_paired_difference_matches_a_slow_loop_over_episodes(n, seed):
     assert paired["id_avg"]["ci95"] == pytest.approx(ci, abs=1e-9)
 
 
+def test_near_and_far_ood_get_their_own_paired_averages_and_table_rows():
+    splits = {"a": "id", "n1": "ood", "n2": "ood", "f": "ood"}
+    first = fake_results({"a": [1.0, 0.5], "n1": [1.0, 0.0], "n2": [0.5, 0.5], "f": [0.0, 0.5]}, splits)
+    second = fake_results({"a": [0.5, 0.5], "n1": [0.5, 0.0], "n2": [0.5, 0.0], "f": [0.5, 0.5]}, splits)
+    for results in (first, second):
+        for name, distance in (("n1", "near"), ("n2", "near"), ("f", "far")):
+            results["domains"][name]["distance"] = distance
+        results |= evaluate._averages(results["domains"])
+
+    paired = evaluate.paired_difference(first, second)
+
+    # near: episode 1 (+50 + 0)/2 = +25, episode 2 (0 + 50)/2 = +25; far: -50 and 0
+    assert paired["near_ood_avg"]["mean"] == pytest.approx(25.0) and paired["near_ood_avg"]["ci95"] == pytest.approx(0.0)
+    assert paired["far_ood_avg"]["mean"] == pytest.approx(-25.0)
+    assert first["near_ood_avg"] == pytest.approx(50.0) and first["far_ood_avg"] == pytest.approx(25.0)
+    rows = {row[0]: row for row in evaluate._rows([first, second], [paired])}
+    assert rows["near OOD avg"][-1] == evaluate.difference_cell(paired["near_ood_avg"])
+    assert rows["far OOD avg"][2:4] == ["25.00", "50.00"] and rows["n1"][1] == "ood near"
+    plain = fake_results({"a": [1.0, 0.5]}, {"a": "id"})  # without distances: no near/far rows
+    assert [row[0] for row in evaluate._rows([plain])] == ["a", "ID avg", "OOD avg"]
+
+
 def test_a_paired_difference_refuses_results_from_different_episodes():
     splits = {"a": "id"}
     with pytest.raises(evaluate.EvaluateError, match="same episodes"):
