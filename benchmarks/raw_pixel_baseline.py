@@ -43,7 +43,8 @@ def save_grid(sources: list[data.Source], path: Path, classes: int = 4, instance
             gaps[:, c * instances * 32 - 1:c * instances * 32 + 1] = 255  # white line between classes
         axis.imshow(gaps, interpolation="nearest")
         axis.set_axis_off()
-        axis.set_title(f"{source.name} ({source.split.upper()})", fontsize=8, loc="left", pad=2)
+        far = f", {source.distance}" if source.distance else ""  # near or far OOD, where designed
+        axis.set_title(f"{source.name} ({source.split.upper()}{far})", fontsize=8, loc="left", pad=2)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
