@@ -160,15 +160,20 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def check_images(self, channels: int, height: int, width: int) -> None:
+        """Refuse images this ViT cannot read (checked by every forward, and by train.py before a run starts)."""
+        patch = self.spec.patch_size
+        if channels != 3 or height % patch or width % patch:
+            raise BackboneError(
+                f"images of shape {(channels, height, width)} do not fit this ViT; "
+                f"need 3 channels and height, width multiples of the patch size {patch}"
+            )
+
     @typechecked
     def forward(self, images: Float[Tensor, "batch channels height width"]) -> Float[Tensor, "batch dim"]:
         patch = self.spec.patch_size
         height, width = images.shape[-2:]
-        if images.shape[1] != 3 or height % patch or width % patch:
-            raise BackboneError(
-                f"images of shape {tuple(images.shape[1:])} do not fit this ViT; "
-                f"need 3 channels and height, width multiples of the patch size {patch}"
-            )
+        self.check_images(*images.shape[1:])
         x = self.patch_embed(images)  # (batch, n_patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + interpolate_pos_embed(self.pos_embed, height // patch, width // patch)

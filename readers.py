@@ -27,6 +27,9 @@ import benchmark
 from data import PARTITIONS, DataError, Hierarchy, Partition, Source, Split, dag_hierarchy, split_counts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+# What PIL raises for a file it cannot decode: a damaged or foreign file, and an image so large that PIL
+# refuses it as a possible decompression bomb (DecompressionBombError is no OSError).
+UNREADABLE_IMAGE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # --- § 1 Image lists and image folders ----------------------------------------------------------------
@@ -85,11 +88,18 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except UNREADABLE_IMAGE as error:
         if isinstance(error, DataError):
             raise
-        raise DataError(f"cannot read image {path} ({type(error).__name__}); remove it or replace it with a "
+        raise DataError(f"cannot read image {path} ({_why_unreadable(error)}); remove it or replace it with a "
                         f"valid {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file") from None
+
+
+def _why_unreadable(error: Exception) -> str:
+    """The error's name, and for a decompression bomb the limit: "more than PIL's limit of 178956970 pixels"."""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"DecompressionBombError: more pixels than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS}"
+    return type(error).__name__
 
 
 def _image_files(directory: Path) -> list[Path]:
@@ -393,9 +403,9 @@ def torchvision_source(name: str, root: Path, split: Split | None = None, seed: 
         dataset, index = item
         try:
             return dataset[index][0]
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             raise DataError(f"cannot read image {index} of torchvision {name} under {root} "
-                            f"({type(error).__name__}); the copy there is damaged") from None
+                            f"({_why_unreadable(error)}); the copy there is damaged") from None
 
     default_split: Split = "id" if chosen["train"] else "ood"
     return ImageListSource(name, split or default_split, {p: [classes[k] for k in chosen[p]] for p in PARTITIONS},

@@ -191,24 +191,27 @@ def meta_train(
         summary_writer()  # the extra is installed: checked before anything is written
     procs = processes(device, cfg)
     check_stop_after(cfg, stop_after)
+    resolve_precision(cfg.precision, procs.device)
     sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
+    vit = None if resume else checked_backbone(cfg, procs)  # a resumed run reads its model from its checkpoint
     claim, out_dir = claim_run_directory(cfg, out_dir, resume, procs)
     try:
         with claim or nullcontext():
             return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console,
-                                 workers, compile_model, tensorboard)
+                                 workers, compile_model, tensorboard, vit)
     except KeyboardInterrupt:
         raise rundir.Interrupted(interrupted(out_dir, claim, resume)) from None
 
 
 def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
                   resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console,
-                  workers: int | None = None, compile_model: bool = False, tensorboard: bool = False) -> Path:
+                  workers: int | None = None, compile_model: bool = False, tensorboard: bool = False,
+                  vit: backbones.VisionTransformer | None = None) -> Path:
     """The run in its claimed directory: resume or start, the loop, the final evaluation."""
     state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
     procs = init_distributed(procs)
     precision = resolve_precision(cfg.precision, procs.device)
-    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision)
+    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision, vit)
     if compile_model:
         compile_backbone(run.model)
     id_sources = [s for s in sources if s.split == "id"]
@@ -367,21 +370,36 @@ def interrupted(out_dir: Path, claim: rundir.RunDirectory | None, resume: bool) 
     return f"interrupted (Ctrl-C); {kept}: continue with python train.py --resume {out_dir}"
 
 
-def initial_model(cfg: Config, state: dict | None, procs: Processes) -> tuple[SMAT, dict]:
-    """(model, backbone spec): from the checkpoint, or SMAT on θ_pre (rank 0 reads or downloads the
-    backbone; the other processes take it from rank 0)."""
+def checked_backbone(cfg: Config, procs: Processes) -> backbones.VisionTransformer | None:
+    """The backbone read (rank 0 reads or downloads it) and checked against the run before anything is
+    written: one forward pass on an image of the run's size (a backbone whose patches do not fit the
+    images fails here) and the memory the expert masks need. None on the other processes."""
+    if not (procs.main or procs.world == 1):
+        return None
+    vit = resolve_backbone(cfg)
+    with torch.no_grad():
+        vit(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    rundir.check_memory(cfg, sum(p.numel() for p in vit.parameters()), procs.device)
+    return vit
+
+
+def initial_model(cfg: Config, state: dict | None, procs: Processes,
+                  vit: backbones.VisionTransformer | None = None) -> tuple[SMAT, dict]:
+    """(model, backbone spec): from the checkpoint, or SMAT on θ_pre from `vit` (checked_backbone; the
+    other processes take it from rank 0)."""
     torch.manual_seed(cfg.seed)
     if state is not None:
         model = build_model(cfg, state["backbone_spec"])
         model.load_state_dict(state["model"])  # checked by rundir.read_checkpoint
         return model, state["backbone_spec"]
-    vit = resolve_backbone(cfg) if procs.main or procs.world == 1 else None
+    if vit is None:
+        vit = checked_backbone(cfg, procs)
     if procs.world > 1:
         box = [vit.state_dict() if procs.main else None, dataclasses.asdict(vit.spec) if procs.main else None]
         dist.broadcast_object_list(box, src=0)
         vit = backbones.VisionTransformer(backbones.ViTSpec(**box[1]))
         vit.load_state_dict(box[0])
-    rundir.check_memory(cfg, sum(p.numel() for p in vit.parameters()), procs.device)
+        rundir.check_memory(cfg, sum(p.numel() for p in vit.parameters()), procs.device)  # this process's device
     torch.manual_seed(cfg.seed)  # the same experts and router whatever loading the backbone drew
     return SMAT(vit, cfg), dataclasses.asdict(vit.spec)
 
@@ -434,11 +452,12 @@ class Run:
 
 
 def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, state: dict | None, procs: Processes,
-              stop_after: int | None, sources: list, precision: str) -> Run:
+              stop_after: int | None, sources: list, precision: str,
+              vit: backbones.VisionTransformer | None = None) -> Run:
     """The model on its device, the optimisers (restored when resuming), and the run's first files
     written: data.json (the classes of every partition, for a run that starts from episode 0) and
     config.json. `precision` is the resolved autocast choice (resolve_precision)."""
-    model, backbone_spec = initial_model(cfg, state, procs)
+    model, backbone_spec = initial_model(cfg, state, procs, vit)
     model = model.to(procs.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16 needs loss scaling
     total_steps = math.ceil(cfg.episodes / cfg.meta_batch)

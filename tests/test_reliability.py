@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,22 @@ def nan_backbone(ws: Path) -> Path:
     return ws / "nan.pt"
 
 
+def big_patch_backbone(ws: Path) -> Path:
+    """A ViT with 64-px patches: the default 32-px images are smaller than one patch."""
+    backbones.save_backbone(backbones.VisionTransformer(dataclasses.replace(SPEC, patch_size=64)), ws / "p64.pt", {})
+    return ws / "p64.pt"
+
+
+def decompression_bomb() -> bytes:
+    """A PNG whose header claims 20000 x 20000 pixels, more than PIL opens (it refuses it as a
+    decompression bomb before decoding anything, so the file itself can be tiny)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = (20_000).to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def run_on_own_data(assets: Path, ws: Path, edit) -> Path:
     """A run trained on a copy of alpha (ID) and beta (OOD) in `ws`; then `edit(alpha folder)`."""
     shutil.copytree(assets / "alpha", ws / "data" / "alpha")
@@ -299,6 +316,11 @@ CASES = {
     "unreadable image": lambda a, ws: (
         E, evaluate_args(copy_run(a, ws / "run"), "--data", small_ood_domain(ws, b"\x89PNG garbage")),
         "cannot read image"),
+    "an image PIL refuses as a decompression bomb": lambda a, ws: (
+        E, evaluate_args(copy_run(a, ws / "run"), "--data", small_ood_domain(ws, decompression_bomb())),
+        "DecompressionBombError"),
+    "a backbone whose 64-px patches do not fit the 32-px images": lambda a, ws: (
+        T, train_args(a, ws, "--backbone", str(big_patch_backbone(ws))), "do not fit this ViT"),
     "--resume of a folder that is not a run": lambda a, ws: (T, ["--resume", str(not_a_run(ws))],
                                                              "not a run directory"),
     "--resume with an unparsable config.json": lambda a, ws: (T, ["--resume", str(with_bad_config(a, ws))],
