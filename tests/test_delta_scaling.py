@@ -1,0 +1,77 @@
+"""benchmarks/delta_scaling.py: δ scaled by s on a run's own test episodes. At s = 1 it is the run's
+own final test, at s = 0 it is the frozen model (Pre); --norm-of lands on the other run's update norm.
+Two tiny runs through train.py's command line (a random 1-block ViT, 16-px folder domains)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import backbone as backbones
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("delta_scaling", ROOT / "benchmarks" / "delta_scaling.py")
+delta_scaling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(delta_scaling)
+EPISODES = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A SMAT and a PMF run on one ID and one OOD folder domain, each with its final test."""
+    base = tmp_path_factory.mktemp("scaling")
+    rng = np.random.default_rng(0)
+    for domain in ("alpha", "beta"):
+        for c in range(30):
+            folder = base / domain / f"class{c}"
+            folder.mkdir(parents=True)
+            colour = rng.integers(0, 256, 3)
+            for i in range(8):
+                Image.fromarray(np.clip(colour + rng.normal(0, 50, (16, 16, 3)), 0, 255).astype(np.uint8)).save(
+                    folder / f"{i}.png")
+    torch.manual_seed(0)
+    vit = backbones.VisionTransformer(backbones.ViTSpec(patch_size=8, dim=16, depth=1, heads=2, grid_size=2))
+    backbones.save_backbone(vit, base / "vit.pt", {"note": "random test backbone"})
+    common = ["--data", f"folder:{base / 'alpha'}@id,folder:{base / 'beta'}@ood", "--backbone", str(base / "vit.pt"),
+              "--set", "image_size=16", "--episodes", "8", "--set", "meta_batch=2", "--test-episodes", str(EPISODES),
+              "--set", "train_ways=3", "--set", "train_shots=2", "--set", "train_queries=2", "--set", "test_ways=3",
+              "--set", "test_shots=2", "--set", "test_queries=2", "--set", "val_every=4", "--set", "val_episodes=2",
+              "--set", "mask_lr=10.0", "--no-check-shapes"]
+    made = {}
+    for name, flags in (("smat", ["--experts", "2"]), ("pmf", ["--method", "pmf", "--experts", "1"])):
+        made[name] = base / name
+        subprocess.run([sys.executable, "train.py", "--out", str(made[name]), *flags, *common], cwd=ROOT,
+                       check=True, capture_output=True, text=True, timeout=300)
+    return made
+
+
+def test_scale_one_is_the_runs_own_test_and_scale_zero_is_the_frozen_model(runs):
+    scaled = delta_scaling.scaled(runs["smat"], [0.0, 1.0], EPISODES)
+    own = json.loads((runs["smat"] / "results.json").read_text())
+
+    for name, domain in own["domains"].items():
+        assert scaled["scales"]["1"]["domains"][name]["accuracies"] == domain["accuracies"]
+        assert scaled["scales"]["0"]["domains"][name]["accuracies"] == own["baselines"]["Pre"]["domains"][name]["accuracies"]
+    assert scaled["norms"]["0"] == 0.0 and scaled["norms"]["1"] == pytest.approx(delta_scaling.tested_update_norm(runs["smat"]))
+
+
+def test_norm_of_tests_the_run_at_the_other_runs_update_norm_and_writes_one_file(runs):
+    code = delta_scaling.main([str(runs["pmf"]), "--scales", "1", "--episodes", str(EPISODES),
+                               "--norm-of", str(runs["smat"])])
+
+    written = json.loads((runs["pmf"] / f"delta-scaling-{EPISODES}ep.json").read_text())
+    assert code == 0 and written["matched"]["to"] == "smat"
+    matched = list(written["norms"].values())[-1]
+    assert matched == pytest.approx(delta_scaling.tested_update_norm(runs["smat"]), rel=1e-5)
+
+
+def test_bad_scales_are_one_line_and_exit_2(runs, capsys):
+    assert delta_scaling.main([str(runs["pmf"]), "--scales", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
