@@ -42,6 +42,10 @@ import smat
 from smat import SMAT, Config
 
 CHECKPOINT_FORMAT = "smat-run/1"  # the "format" entry of every checkpoint.pt and best.pt
+# The "config_format" entry of config.json and of every checkpoint's config: 1 (no entry) before it was
+# recorded. A configuration lacking fields added since it was written reads their defaults (`read_config`
+# says which in one note line); one of a newer format is refused.
+CONFIG_FORMAT = 2
 DATA_FORMAT = "smat-data/1"  # the "format" entry of data.json
 # Every file this program writes into a run directory (evaluate.py's pictures included), and the lock.
 RUN_FILES = ("config.json", "data.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "results.md",
@@ -327,10 +331,10 @@ def _type_problem(kind: object, value: object) -> str | None:
     return None
 
 
-def check_fields(cls: type, values: object, where: str, complete: bool = True) -> dict:
-    """`values` as keyword arguments of the dataclass `cls`, checked: a dict of its fields only (all of
-    them if `complete`, else all without a default), each of its field's type. Returns `values`; a
-    problem is one RunError line naming `where`, the key, the value and what is valid."""
+def check_fields(cls: type, values: object, where: str) -> dict:
+    """`values` as keyword arguments of the dataclass `cls`, checked: a dict of its fields only (every
+    field without a default among them), each of its field's type. Returns `values`; a problem is one
+    RunError line naming `where`, the key, the value and what is valid."""
     if not isinstance(values, dict):
         raise RunError(f"{where} holds {_shown(values)}, not an object of {cls.__name__} fields")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -338,7 +342,7 @@ def check_fields(cls: type, values: object, where: str, complete: bool = True) -
     if unknown:
         raise RunError(f"{where} has unknown keys {unknown[:5]}; valid keys are the fields of {cls.__name__}"
                        + closest_field(unknown[0], list(fields)))
-    missing = [n for n, f in fields.items() if n not in values and (complete or f.default is dataclasses.MISSING)]
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING]
     if missing:
         raise RunError(f"{where} lacks the keys {missing[:5]}; it was not written by this version of train.py")
     for name, value in values.items():
@@ -366,14 +370,38 @@ def _renamed(values: object) -> object:
     return values
 
 
+def config_record(cfg: Config) -> dict:
+    """What config.json and every checkpoint hold: the format, then every field of `cfg`."""
+    return {"config_format": CONFIG_FORMAT, **cfg.to_dict()}
+
+
+def config_fields(values: object, where: str) -> object:
+    """A config.json's (or a --config file's) fields: without its "config_format" entry, which must be
+    a format this version reads, and with renamed fields under their new names (RENAMED_FIELDS)."""
+    if not isinstance(values, dict) or "config_format" not in values:
+        return _renamed(values)
+    version = values["config_format"]
+    if type(version) is not int or not 1 <= version <= CONFIG_FORMAT:
+        raise RunError(f"{where}: config_format = {_shown(version)} is not valid; this version of train.py reads "
+                       f"formats 1 to {CONFIG_FORMAT} (a newer one was written by newer code: update it)")
+    return _renamed({k: v for k, v in values.items() if k != "config_format"})
+
+
 def config_from_dict(values: object, where: str = "the configuration") -> Config:
-    """The Config of a config.json or a checkpoint: every field present with its type, then Config's
-    own checks (ranges, choices), all as one RunError line naming `where`."""
-    values = check_fields(Config, _renamed(values), where)
+    """The Config of a config.json or a checkpoint: every field present has its type (an unknown field
+    is refused), a field added since it was written reads its default (`filled_fields` names them),
+    then Config's own checks (ranges, choices), all as one RunError line naming `where`."""
+    values = check_fields(Config, config_fields(values, where), where)
     try:
         return Config(**values)
     except smat.ConfigError as error:
         raise RunError(f"{where}: {error}") from None
+
+
+def filled_fields(values: object) -> list[str]:
+    """The Config fields a stored configuration lacks (written before they were added), in field order."""
+    present = config_fields(values, "") if isinstance(values, dict) else {}
+    return [f.name for f in dataclasses.fields(Config) if f.name not in present]
 
 
 def read_json(path: Path, what: str) -> object:
@@ -386,11 +414,25 @@ def read_json(path: Path, what: str) -> object:
 
 
 def read_config(run_dir: Path) -> Config:
-    """The Config in a run's config.json; a missing, unparsable or mistyped file is one RunError line."""
+    """The Config in a run's config.json; a missing, unparsable or mistyped file is one RunError line.
+    Fields added since the run was written read their defaults (`note_filled_fields` names them)."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise RunError(f"{run_dir} is not a run directory; it must contain config.json (made by train.py)")
     return config_from_dict(read_json(path, "expected the config.json written by train.py"), str(path))
+
+
+def note_filled_fields(run_dir: Path) -> None:
+    """One note line on stderr naming the fields a run's config.json lacks and the defaults they read;
+    said once the run has passed every check (a refused run gets only its error line)."""
+    path = Path(run_dir) / "config.json"
+    values = read_json(path, "expected the config.json written by train.py")
+    filled = filled_fields(values)
+    if filled:
+        cfg = config_from_dict(values, str(path))
+        shown = ", ".join(f"{name} = {_shown(getattr(cfg, name))}" for name in filled)
+        typer.echo(one_line(f"note: {path} was written before the fields {', '.join(filled)}; they read their "
+                            f"defaults ({shown})"), err=True)
 
 
 def _tensor_problem(value: object, expected: torch.Tensor) -> str | None:
@@ -442,7 +484,7 @@ def read_checkpoint(path: Path) -> dict:
         if key not in state:
             raise RunError(f"{path} lacks its {key}; the file is damaged or was not written by train.py")
     cfg = config_from_dict(state["config"], f"{path} config")
-    spec = check_fields(backbones.ViTSpec, state["backbone_spec"], f"{path} backbone_spec", complete=False)
+    spec = check_fields(backbones.ViTSpec, state["backbone_spec"], f"{path} backbone_spec")
     check_model_state(state["model"], cfg, spec, str(path))
     return state
 
@@ -582,6 +624,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
                        f"it is not this run's checkpoint")
     model = build_model(cfg, state["backbone_spec"])
     model.load_state_dict(state["model"])  # checked by read_checkpoint: the keys, shapes and dtypes fit
+    note_filled_fields(run_dir)
     return model.to(device), cfg, state
 
 

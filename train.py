@@ -358,6 +358,7 @@ def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop
     if done == cfg.episodes and not evaluate_at_end:
         raise RunError(f"{out_dir} has trained all its {done} episodes, nothing is left to resume; pass a larger "
                        f"--episodes to train further, or test it with evaluate.py")
+    rundir.note_filled_fields(out_dir)
     return state
 
 
@@ -446,7 +447,7 @@ class Run:
 
     def snapshot(self) -> dict:
         """The model and where the run stands: all of best.pt, and checkpoint.pt without the optimiser."""
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "backbone_spec": self.backbone_spec,
+        return {"format": CHECKPOINT_FORMAT, "config": rundir.config_record(self.cfg), "backbone_spec": self.backbone_spec,
                 "model": self.model.state_dict(), "step": self.step, "episode": self.episodes_done,
                 "best_val": self.best_val, "best_episode": self.best_episode}
 
@@ -473,7 +474,7 @@ def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sta
                                f"({rundir.reason(error)})") from None
         run.step, run.best_val, run.best_episode = state["step"], state["best_val"], state["best_episode"]
     if procs.main:
-        files = {"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"}
+        files = {"config.json": json.dumps(rundir.config_record(cfg), indent=2) + "\n"}
         if state is None and not (out_dir / "data.json").exists():
             files = {"data.json": rundir.manifest_text(sources)} | files  # config.json last: it marks a run
         claim.start(files)
@@ -773,7 +774,7 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise RunError(f"--config {path}: not a readable {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
                            f"file of Config fields ({rundir.reason(error)})") from None
-        rundir.check_fields(Config, values, f"--config {path}", complete=False)
+        values = rundir.check_fields(Config, rundir.config_fields(values, f"--config {path}"), f"--config {path}")
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for setting in settings:
         key, equals, raw = (part.strip() for part in setting.partition("="))
@@ -792,7 +793,7 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
                 value = int(raw) if kind is int else float(raw) if kind is float else raw
         except ValueError:
             raise RunError(f"--set {key}={raw}: not a valid {getattr(kind, '__name__', kind)}") from None
-        values[key] = rundir.check_fields(Config, {key: value}, "--set", complete=False)[key]
+        values[key] = rundir.check_fields(Config, {key: value}, "--set")[key]
     return values
 
 

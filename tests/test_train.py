@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
+import rundir
 import train
 from smat import Config
 
@@ -250,7 +251,7 @@ def test_tensorboard_without_its_package_is_one_line_and_nothing_is_written(asse
 
 def test_a_runs_config_json_given_to_config_gives_back_the_same_config(tmp_path):
     cfg = Config(n_experts=3, inner_lr=0.02, teacher=False, test_protocol="variable", data="embedded@ood")
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(rundir.config_record(cfg)))
 
     assert train.make_config("cpu", train.config_overrides(tmp_path / "config.json", []), None) == cfg
 
@@ -377,3 +378,68 @@ def test_the_command_line_trains_with_compile(assets, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     start = json.loads((tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()[0])["start"]
     assert start["compile"] is True and torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)["episode"] == 8
+
+
+# --- runs written by earlier versions ------------------------------------------------------------------
+
+
+def written_before(run: Path, *fields: str) -> None:
+    """Make `run` look written before `fields` existed (and before config_format was recorded)."""
+    dropped = {"config_format", *fields}
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k not in dropped}))
+    for name in ("checkpoint.pt", "best.pt"):
+        state = torch.load(run / name, weights_only=True)
+        state["config"] = {k: v for k, v in state["config"].items() if k not in dropped}
+        torch.save(state, run / name)
+
+
+def test_a_run_written_before_a_field_was_added_resumes_with_its_default_and_one_note(assets, tmp_path):
+    cfg = small_config(assets, constraint_gates="test", router_logit_penalty=1e-4)  # both their defaults
+    train.meta_train(cfg, tmp_path / "run", device="cpu", stop_after=4, evaluate_at_end=False,
+                     cache_dir=tmp_path / "cache")
+    train.meta_train(cfg, tmp_path / "whole", device="cpu", evaluate_at_end=False, cache_dir=tmp_path / "cache")
+    written_before(tmp_path / "run", "constraint_gates", "router_logit_penalty")
+
+    result = CliRunner().invoke(train.app, ["--resume", str(tmp_path / "run"), "--device", "cpu", "--no-evaluate"])
+
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "constraint_gates, router_logit_penalty" in notes[0], result.output
+    assert 'constraint_gates = "test"' in notes[0] and "router_logit_penalty = 0.0001" in notes[0]
+    resumed, whole = parameters(tmp_path / "run"), parameters(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # the same run as one never interrupted
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config_format"] == rundir.CONFIG_FORMAT and saved["constraint_gates"] == "test"
+
+
+def test_a_config_json_records_its_format_and_every_field(assets, tmp_path):
+    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", stop_after=2, evaluate_at_end=False,
+                           cache_dir=tmp_path / "cache")
+
+    saved = json.loads((run / "config.json").read_text())
+
+    assert saved == {"config_format": rundir.CONFIG_FORMAT, **small_config(assets).to_dict()}
+    assert rundir.read_config(run) == small_config(assets)
+
+
+def test_a_renamed_field_reads_under_its_new_name(tmp_path):
+    old = {k: v for k, v in Config().to_dict().items() if k != "router_anneal_fraction"}
+    (tmp_path / "config.json").write_text(json.dumps(old | {"router_anneal_tasks": 200, "episodes": 800}))
+
+    assert rundir.read_config(tmp_path).router_anneal_fraction == 0.25
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"colour": "red"}, "has unknown keys ['colour']"),
+    ({"n_experts": "8"}, 'n_experts = "8" is not valid; it must be an integer'),
+    ({"config_format": 99}, "config_format = 99 is not valid; this version of train.py reads formats 1 to"),
+    ({"config_format": "2"}, 'config_format = "2" is not valid'),
+])
+def test_unknown_fields_wrong_types_and_newer_formats_are_still_refused_in_one_line(change, words, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(rundir.config_record(Config()) | change))
+
+    with pytest.raises(rundir.RunError) as error:
+        rundir.read_config(tmp_path)
+
+    assert words in str(error.value) and "\n" not in str(error.value)
