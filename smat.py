@@ -34,6 +34,8 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import fused_merge
+
 typechecked = jaxtyped(typechecker=beartype)  # JAXTYPING_DISABLE=1 turns every check off
 
 # Shape glossary (jaxtyping axis names used below)
@@ -118,6 +120,9 @@ class Config:
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
     warmup_fraction: float = 0.1  # linear warm-up, then cosine (official: 5 of 50 epochs)
+    # the same θ_i with a hand-derived backward that keeps less for it (fused_merge.py): GPU memory at
+    # ViT-S scale, so on in the paper profile only; off, training runs merge_masks + interpolate
+    fused_merge: bool = False
 
     # data, backbone and protocol (read by train.py / evaluate.py, never by §2-§8)
     data: str = "embedded"
@@ -204,7 +209,7 @@ class Config:
                           + [f"h5:metadataset_h5/{s}@ood" for s in ("traffic_sign", "mscoco")]),
             episodes=50_000, val_every=2_000, val_episodes=120, checkpoint_every=500, warmup_fraction=0.1,
             delta_lr=1e-4, multiplier_lr=2e-3, router_lr=1e-4, router_anneal_fraction=0.36,
-            inner_lr=1e-3, teacher_lr=5e-3,
+            inner_lr=1e-3, teacher_lr=5e-3, fused_merge=True,
         )
         return cls(**{**paper, **overrides})
 
@@ -381,56 +386,18 @@ def interpolate(
     return theta_pre + mask * delta
 
 
-# Each way of drawing gates: (gate function of (log α, generator), temperature t of its sigmoid).
+def training_gates(log_alpha: Tensor, sampling: MaskSampling, generator: torch.Generator) -> Tensor:
+    """z of a training task: a stochastic hard-concrete sample, or the official noise-free gate (§2)."""
+    return sample_gates(log_alpha, generator) if sampling == "stochastic" else official_train_gates(log_alpha)
+
+
+# Each way of drawing gates as the fused merge needs it (fused_merge.py, Config.fused_merge): the draw
+# as a function of (log α, generator) and the temperature t of its sigmoid.
 GATES = {
     "stochastic": (sample_gates, BETA),
     "official": (lambda log_alpha, generator: official_train_gates(log_alpha), BETA),
     "test": (lambda log_alpha, generator: eval_gates(log_alpha), 1.0),
 }
-
-
-class MergeExperts(torch.autograd.Function):
-    """θ_i = θ_pre + (w @ z) ⊙ δ with z = GATES[sampling](log α), as one op that keeps little for backward.
-
-    The same value as interpolate(θ_pre, δ, merge_masks(w, z)), but autograd through that chain keeps
-    ~3 M×P tensors for backward (sigmoid, clamp input, z): 2.1 GB for ViT-S with 8 experts. This op
-    keeps δ, w, the P-vector mask and either z (on CPU) or nothing of size M×P (on `recompute_on`
-    devices, where backward recomputes z — stochastic gates replay their noise from the generator's
-    saved state — since there memory is scarce and redrawing is cheap; on CPU drawing the noise again
-    costs more time than storing z costs memory). The chain rule, with g = ∂L/∂θ_i:
-    ∂L/∂δ = g ⊙ (w @ z),  ∂L/∂w = z @ (g ⊙ δ),  ∂L/∂log α = w ⊗ (g ⊙ δ) ⊙ ∂z/∂log α, where
-    ∂z/∂log α = (ζ-γ)·s(1-s)/t = (z-γ)(ζ-z) / ((ζ-γ)·t) for 0 < z < 1 (s = (z-γ)/(ζ-γ)), else 0.
-    Oracle: tests/test_fast_path.py compares values and gradients with the plain chain.
-    """
-
-    recompute_on = {"cuda"}  # device types whose backward recomputes z instead of keeping it
-
-    @staticmethod
-    def forward(ctx, theta_pre, delta, weights, log_alpha, sampling: str, generator):
-        ctx.sampling, ctx.recompute = sampling, log_alpha.device.type in MergeExperts.recompute_on
-        replayed = ctx.recompute and sampling == "stochastic"
-        ctx.replay = (generator.device, generator.get_state()) if replayed else None  # before the draw
-        gates = GATES[sampling][0](log_alpha, generator)
-        mask = merge_masks(weights, gates)
-        ctx.save_for_backward(delta, weights, mask, log_alpha if ctx.recompute else gates)
-        ctx.mark_non_differentiable(gates)
-        return interpolate(theta_pre, delta, mask), gates
-
-    @staticmethod
-    def backward(ctx, grad_theta, _):
-        delta, weights, mask, gates = ctx.saved_tensors
-        gate_fn, temperature = GATES[ctx.sampling]
-        if ctx.recompute:  # `gates` holds log α: draw the same z again
-            replay = None if ctx.replay is None else torch.Generator(ctx.replay[0]).set_state(ctx.replay[1])
-            gates = gate_fn(gates, replay)
-        grad_mask = grad_theta * delta  # ∂L/∂(w @ z), P
-        grad_weights = gates @ grad_mask
-        # ∂z/∂log α from z itself, in place so that at most two M×P float tensors are alive
-        slope = torch.sub(ZETA + GAMMA, gates).mul_(gates).sub_(GAMMA * ZETA)  # (z-γ)(ζ-z)
-        slope.masked_fill_((gates <= 0) | (gates >= 1), 0.0)
-        del gates
-        grad_log_alpha = slope.mul_(weights[:, None] / ((ZETA - GAMMA) * temperature)).mul_(grad_mask)
-        return None, grad_theta * mask, grad_weights, grad_log_alpha, None, None
 
 
 # --- § 4 Expert router: a hypernetwork on support prototypes [SMAT §3.4] -------------------------
@@ -692,12 +659,14 @@ class SMAT(nn.Module):
         weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
         if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
             gates = eval_gates(self.log_alpha) if gates is None else gates
-            return TaskParameters(interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights,
-                                  logits, gates)
-        # θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ as one op: autograd keeps at most z, not the chain's 3 M×P tensors
-        theta, gates = MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha,
-                                          self.cfg.mask_sampling, generator)
-        return TaskParameters(theta, weights, logits, gates)
+        elif self.cfg.fused_merge:  # the same θ_i and gradients, keeping less for backward (GPU memory)
+            theta, gates = fused_merge.MergeExperts.apply(self.theta_pre, self.delta, weights, self.log_alpha,
+                                                          *GATES[self.cfg.mask_sampling], (GAMMA, ZETA), generator)
+            return TaskParameters(theta, weights, logits, gates)
+        else:
+            gates = training_gates(self.log_alpha, self.cfg.mask_sampling, generator)
+        return TaskParameters(interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights,
+                              logits, gates)
 
 
 @typechecked

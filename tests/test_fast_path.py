@@ -1,11 +1,12 @@
-"""The fast paths of smat.py against the plain code they replace: values and gradients must agree.
+"""The fast paths against the plain code they stand for: values and gradients must agree.
 
-Fast paths: MergeExperts (the merge θ = θ_pre + (w @ z) ⊙ δ as one op whose backward keeps z, or on
-CUDA recomputes it; both paths are tested on CPU), expected_density's recomputing backward, and the
-teacher's first gradient taken from the student's graph (dense_teacher's `student_loss`). The plain
-path is the chain of public functions interpolate(merge_masks(w, GATES[...](log α))), the closed-form
-density, and a teacher that runs its own forward pass. CUDA-only checks skip on CPU; the GPU session
-runs them through benchmarks/gpu_check.sh.
+Fast paths: fused_merge.MergeExperts (Config.fused_merge: the merge θ = θ_pre + (w @ z) ⊙ δ as one op
+whose backward keeps z, or on CUDA recomputes it; both paths are tested on CPU), expected_density's
+recomputing backward, and the teacher's first gradient taken from the student's graph (dense_teacher's
+`student_loss`). The plain path is the chain of public functions interpolate(merge_masks(w,
+GATES[...](log α))) that training runs by default, the closed-form density, and a teacher that runs
+its own forward pass. CUDA-only checks skip on CPU; the GPU session runs them through
+benchmarks/gpu_check.sh.
 """
 
 import math
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_smat import make_episode, make_model
 
+import fused_merge
 import smat
 
 SAMPLINGS = ["stochastic", "official", "test"]
@@ -26,6 +28,12 @@ devices = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def plain_merge(theta_pre, delta, weights, log_alpha, sampling, generator):
     gates = smat.GATES[sampling][0](log_alpha, generator)
     return smat.interpolate(theta_pre, delta, smat.merge_masks(weights, gates)), gates.detach()
+
+
+def fused(theta_pre, delta, weights, log_alpha, sampling, generator):
+    """The fused merge as SMAT.task_parameters calls it."""
+    return fused_merge.MergeExperts.apply(theta_pre, delta, weights, log_alpha, *smat.GATES[sampling],
+                                          (smat.GAMMA, smat.ZETA), generator)
 
 
 def merge_inputs(seed: int, scale: float, n_experts: int = 3, n_params: int = 400, device: str = "cpu"):
@@ -50,11 +58,24 @@ def merge_and_grads(merge, inputs, sampling, seed, device="cpu", autocast=False)
 # --- the fused merge -----------------------------------------------------------------------------
 
 
+def test_training_runs_the_readable_merge_unless_the_fused_one_is_switched_on():
+    assert not smat.Config().fused_merge and smat.Config.paper().fused_merge  # on where memory demands it
+    made = {}
+    for fuse in (False, True):
+        model = make_model(0, fused_merge=fuse)
+        prototypes = torch.randn(5, model.feature_dim, generator=torch.Generator().manual_seed(1))
+        made[fuse] = model.task_parameters(prototypes, torch.Generator().manual_seed(2))
+
+    assert type(made[False].theta.grad_fn).__name__ == "AddBackward0"  # interpolate(θ_pre, δ, merge_masks(w, z))
+    assert type(made[True].theta.grad_fn).__name__ == "MergeExpertsBackward"
+    torch.testing.assert_close(made[True].theta, made[False].theta, rtol=0, atol=0)
+
+
 @contextmanager
 def recomputing(on: bool):
     """Either backward path of MergeExperts on CPU: keep z (the CPU default) or recompute it (CUDA's)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(smat.MergeExperts, "recompute_on", {"cpu", "cuda"} if on else set())
+        patch.setattr(fused_merge.MergeExperts, "recompute_on", {"cpu", "cuda"} if on else set())
         yield
 
 
@@ -71,7 +92,7 @@ def test_fused_merge_equals_the_plain_chain_in_value_and_gradient(seed, scale, s
     inputs = merge_inputs(seed, scale)
 
     with recomputing(recompute):
-        fast = merge_and_grads(smat.MergeExperts.apply, inputs, sampling, seed)
+        fast = merge_and_grads(fused, inputs, sampling, seed)
     plain = merge_and_grads(plain_merge, inputs, sampling, seed)
 
     torch.testing.assert_close(fast[0], plain[0], rtol=0, atol=0)  # the same ops in forward
@@ -83,7 +104,7 @@ def test_fused_merge_equals_the_plain_chain_in_value_and_gradient(seed, scale, s
 def test_fused_merge_moves_the_generator_on_exactly_as_a_plain_draw(recompute):
     inputs = merge_inputs(0, 2.0)
 
-    *_, fast_generator = merge_and_grads(smat.MergeExperts.apply, inputs, "stochastic", 5)
+    *_, fast_generator = merge_and_grads(fused, inputs, "stochastic", 5)
     *_, plain_generator = merge_and_grads(plain_merge, inputs, "stochastic", 5)
 
     assert torch.equal(torch.rand(8, generator=fast_generator), torch.rand(8, generator=plain_generator))
@@ -93,7 +114,7 @@ def test_gates_at_the_clamp_boundaries_pass_no_gradient_to_log_alpha(recompute):
     theta_pre, delta, weights, _ = merge_inputs(1, 1.0, n_experts=2, n_params=4)
     log_alpha = torch.tensor([[9.0, -9.0, 0.0, 0.5], [9.0, -9.0, 0.0, 0.5]], requires_grad=True)
 
-    theta, gates = smat.MergeExperts.apply(theta_pre, delta, weights, log_alpha, "test", None)
+    theta, gates = fused(theta_pre, delta, weights, log_alpha, "test", None)
     (grad,) = torch.autograd.grad(theta.sum(), log_alpha)
 
     assert gates[:, :2].tolist() == [[1.0, 0.0], [1.0, 0.0]]  # σ(±9)·1.2 - 0.1 is clamped
@@ -111,7 +132,7 @@ def test_the_fused_merge_keeps_at_most_the_gates_for_backward_and_none_when_reco
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for merge, name in [(smat.MergeExperts.apply, "fast"), (plain_merge, "plain")]:
+        for merge, name in [(fused, "fast"), (plain_merge, "plain")]:
             shapes.clear()
             merge(theta_pre, delta, weights, log_alpha, "stochastic", torch.Generator().manual_seed(0))
             new = [n for ptr, n in shapes.items() if ptr != log_alpha.untyped_storage().data_ptr()]
@@ -166,16 +187,17 @@ def step_and_grads(model, episode, seed):
 
 @pytest.mark.parametrize("sampling, inner", [("stochastic", True), ("official", True), ("stochastic", False)])
 def test_a_meta_training_step_on_the_fast_path_equals_the_plain_path(monkeypatch, recompute, sampling, inner):
-    model = make_model(0, mask_sampling=sampling, teacher_steps=2, inner_step=inner)
-    episode = make_episode(4)
-    with torch.no_grad():
-        model.delta.normal_(0, 0.05)  # δ ≠ 0 so that every term of the gradient is exercised
-    fast, fast_grads = step_and_grads(model, episode, 11)
+    models = {fuse: make_model(0, mask_sampling=sampling, teacher_steps=2, inner_step=inner, fused_merge=fuse)
+              for fuse in (True, False)}  # the same seed: the same experts and router
+    for model in models.values():
+        with torch.no_grad():
+            model.delta.copy_(torch.randn(model.layout.n_params, generator=torch.Generator().manual_seed(3)) * 0.05)
+    episode = make_episode(4)  # δ ≠ 0 above so that every term of the gradient is exercised
+    fast, fast_grads = step_and_grads(models[True], episode, 11)
 
     teacher = smat.dense_teacher
-    monkeypatch.setattr(smat, "MergeExperts", type("Plain", (), {"apply": staticmethod(plain_merge)}))
     monkeypatch.setattr(smat, "dense_teacher", lambda *args: teacher(*args[:6]))  # its own forward
-    plain, plain_grads = step_and_grads(model, episode, 11)
+    plain, plain_grads = step_and_grads(models[False], episode, 11)
 
     torch.testing.assert_close(fast.loss, plain.loss)
     for key in plain.terms:
@@ -192,7 +214,7 @@ def test_a_meta_training_step_on_the_fast_path_equals_the_plain_path(monkeypatch
 def test_fused_merge_under_bf16_autocast_equals_the_plain_chain(device):
     inputs = merge_inputs(7, 3.0, n_experts=8, n_params=10_000, device=device)
 
-    fast = merge_and_grads(smat.MergeExperts.apply, inputs, "stochastic", 7, device, autocast=True)
+    fast = merge_and_grads(fused, inputs, "stochastic", 7, device, autocast=True)
     plain = merge_and_grads(plain_merge, inputs, "stochastic", 7, device, autocast=True)
 
     assert fast[0].dtype == torch.float32  # the merged mask is not rounded to bf16
