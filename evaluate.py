@@ -129,7 +129,8 @@ def evaluate_model(
         if finetune != "none":
             domains[source.name]["finetune_lr"] = lrs[source.name]
     results = {"domains": domains, **_averages(domains),
-               "method": "pre" if baseline == "pretrained" else model.cfg.method, "finetune": finetune,
+               "method": "pre" if baseline == "pretrained" else model.cfg.method,
+               "variant": {} if baseline == "pretrained" else rundir.variant(model.cfg), "finetune": finetune,
                "partition": partition, "seed": seed, "protocol": asdict(protocol),
                "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict(), "data": cfg.data,
                "provenance": provenance(device)}
@@ -167,7 +168,7 @@ def non_finite_message(domain: str, accuracies: Tensor, finetune: str, lr: float
 def tested_gates(model: SMAT, baseline: str) -> Tensor | None:
     """The evaluation gates z of the model under test, computed once for all episodes (they do not
     depend on the task); None for PMF and for the "Pre" baseline, which have no masks."""
-    return smat.eval_gates(model.log_alpha.detach()) if model.cfg.uses_masks and baseline == "model" else None
+    return smat.eval_gates(model.log_alpha.detach()) if model.cfg.has_masks and baseline == "model" else None
 
 
 def sparsity_report(gates: Tensor, task_update_density: float, target: float) -> dict:
@@ -468,7 +469,8 @@ def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | Non
     extra = list((baselines or {}).items())
     text = (f"# Results: {Path(run_dir).name}\n\n{results['partition']} classes, "
             f"{_describe(results['protocol'])}, seed {results['seed']}, {time.strftime('%Y-%m-%d')}"
-            + (f", data `{results['data']}`" if results.get("data") else "") + ". "
+            + (f", data `{results['data']}`" if results.get("data") else "")
+            + "".join(f", {k} = {v}" for k, v in results.get("variant", {}).items()) + ". "
             f"Accuracy % ± 95% CI; differences in points ± paired 95% CI over the same episodes.\n\n"
             + markdown_table([results] + [r for _, r in extra], [run_name(results)] + [n for n, _ in extra],
                              results.get("paired"))

@@ -298,8 +298,26 @@ class RunDirectory:
         self.created = []
 
 
-def default_run_name(method: str) -> str:
-    return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+def variant(cfg: Config) -> dict[str, object]:
+    """The method's settings (smat.Config's first block, `method` to `kl_to_pretrained`) where `cfg`
+    differs from its method's defaults in the nearer profile: {} for the default SMAT and PMF runs,
+    {"router_top_k": 2} for a top-k run. Results and default run names show it."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    method_fields = names[names.index("method") + 1: names.index("meta_batch")]
+    pmf = smat.PMF_SWITCHES if cfg.method == "pmf" else {}
+    profiles = [Config(**pmf, **(smat.PMF_CPU_LRS if pmf else {})), Config.paper(**pmf)]
+    differences = [{k: getattr(cfg, k) for k in method_fields if getattr(cfg, k) != getattr(p, k)} for p in profiles]
+    return min(differences, key=len)
+
+
+def variant_label(cfg: Config) -> str:
+    """The method and its variant for a file name: "smat", "smat-router_top_k2", "smat-no_teacher"."""
+    shown = [(f"no_{k}" if v is False else k) if isinstance(v, bool) else f"{k}{v}" for k, v in variant(cfg).items()]
+    return "-".join([cfg.method, *shown])
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{variant_label(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # --- checking what is read back: keys, types, shapes, finiteness ----------------------------------
@@ -651,7 +669,7 @@ def pick_device(device: str) -> torch.device:
 def check_memory(cfg: Config, n_params: int, device: torch.device) -> None:
     """Refuse an expert pool that cannot fit: its masks log α, their gradient and one sampled set of
     gates take 3 · n_experts · n_params floats, checked against the memory free on `device`."""
-    if not cfg.uses_masks:
+    if not cfg.has_masks:
         return
     needed = 3 * 4 * cfg.n_experts * n_params
     free = None

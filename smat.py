@@ -183,16 +183,29 @@ class Config:
             if get_origin(f.type) is Literal and value not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not valid; use one of {', '.join(choices)}")
         reachable = max_sparsity(self)
-        if self.uses_masks and self.sparsity > reachable:
+        if self.has_constraint and self.sparsity > reachable:
             raise ConfigError(
                 f"sparsity = {self.sparsity} cannot be reached with mask_sampling {self.mask_sampling} and "
                 f"constraint_gates {self.constraint_gates} (at most {reachable:.4f} with log α ≥ "
                 f"-{self.log_alpha_bound:.3f}); use a sparsity <= {math.floor(reachable * 1e4) / 1e4}")
 
+    # What the method is made of: SMAT has all of these, PMF none. The teacher is a switch of its own
+    # (`teacher`, off in PMF_SWITCHES). A variant changes the one it needs; every part of the code asks
+    # the one it is about.
     @property
-    def uses_masks(self) -> bool:
-        """SMAT has masks, a router, a teacher and the sparsity constraint; PMF has none of them."""
+    def has_router(self) -> bool:
+        """Merging weights w from a router on the support set (else w = (1): one dense expert)."""
         return self.method == "smat"
+
+    @property
+    def has_masks(self) -> bool:
+        """Hard-concrete masks z_m, log α (else θ_i = θ_pre + δ, dense)."""
+        return self.method == "smat"
+
+    @property
+    def has_constraint(self) -> bool:
+        """The Lagrangian sparsity constraint ŝ_m ≥ τ on the masks, with its multipliers λ."""
+        return self.has_masks
 
     @classmethod
     def pmf(cls, **overrides) -> "Config":
@@ -631,8 +644,9 @@ class SMAT(nn.Module):
         self.__dict__["architecture"] = backbone.requires_grad_(False).to("meta")
         self.feature_dim = backbone.feature_dim
         self.delta = nn.Parameter(torch.zeros(self.layout.n_params))  # δ = 0: θ_i = θ_pre at start
-        if cfg.uses_masks:
+        if cfg.has_masks:  # NOTE: this order of random draws (log α, then the router) is pinned by tests/golden.json
             self.log_alpha = nn.Parameter(torch.randn(cfg.n_experts, self.layout.n_params) * cfg.mask_init_std)
+        if cfg.has_router:
             self.router = Router(self.feature_dim, cfg)
         self.register_buffer("multipliers", torch.zeros(cfg.n_experts))  # λ, saved unlike HEAD
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))  # drives T_r
@@ -654,7 +668,7 @@ class SMAT(nn.Module):
         `gates` may pass in precomputed (they do not depend on the task). PMF has no router and no
         masks: θ_i = θ_pre + δ, w = (1), and no router logits or gates.
         """
-        if not self.cfg.uses_masks:  # PMF: one dense expert, θ_i = θ_pre + δ
+        if not (self.cfg.has_router and self.cfg.has_masks):  # PMF: one dense expert, θ_i = θ_pre + δ
             return TaskParameters(self.theta_pre + self.delta, torch.ones(1, device=self.delta.device))
         weights, logits = self.router(pre_prototypes, router_temperature(self.cfg, self.tasks_seen), generator)
         if generator is None:  # test time: Louizos+18's estimator, β = 1, in both sampling modes
@@ -717,7 +731,7 @@ def meta_train_step(
     task = model.task_parameters(pre_prototypes, generator)
     theta, weights = task.theta, task.weights
     sparsity = torch.zeros(cfg.n_experts, device=theta.device)  # ŝ that the constraint counts [SMAT §3.9]
-    if cfg.uses_masks:  # NOTE: on the test gates by default, the gates of the model that is evaluated
+    if cfg.has_constraint:  # NOTE: on the test gates by default, the gates of the model that is evaluated
         sparsity = hard_sparsity(task.gates) if cfg.constraint_gates == "sampled" else eval_sparsity(model.log_alpha)
     task.gates = None  # M×P, and nothing below needs it: keep it out of the step's peak memory
     # 3) Prototype head from θ_i, then one first-order GD step on the support set.
@@ -747,14 +761,17 @@ def meta_train_step(
         teacher_accuracy = _accuracy(teacher_logits, query_labels)
         terms |= {"teacher_accuracy": teacher_accuracy, "teacher_lead": teacher_accuracy - accuracy}
     # 6) Lagrangian sparsity constraint, weighted by this task's w, and the router-logit penalty.
-    if cfg.uses_masks:
+    if cfg.has_constraint:
         penalty = sparsity_penalty(weights, model.multipliers, expected_density(model.log_alpha), cfg.sparsity)
+        loss = loss + penalty
+        terms["sparsity_penalty"] = penalty.detach()
+    if cfg.has_router:
         router_penalty = cfg.router_logit_penalty * task.router_logits.pow(2).mean()
-        loss = loss + penalty + router_penalty
-        terms |= {"sparsity_penalty": penalty.detach(), "router_penalty": router_penalty.detach()}
+        loss = loss + router_penalty
+        terms["router_penalty"] = router_penalty.detach()
     terms |= {"loss": loss.detach(), "accuracy": accuracy,
               "pretrained_accuracy": _accuracy(pre_logits, query_labels)}
-    violation = weights.detach() * (cfg.sparsity - sparsity) if cfg.uses_masks else sparsity
+    violation = weights.detach() * (cfg.sparsity - sparsity) if cfg.has_constraint else sparsity
     return StepOutput(loss, terms, weights.detach(), sparsity, violation)
 
 
@@ -781,7 +798,7 @@ def task_model(
     if pretrained:
         return model.theta_pre, torch.zeros(model.cfg.n_experts, device=support_images.device)
     pre_prototypes = None
-    if model.cfg.uses_masks:
+    if model.cfg.has_router:
         pre_prototypes = class_prototypes(model.features(model.theta_pre, support_images), support_labels, n_way)
     task = model.task_parameters(pre_prototypes, gates=gates)
     return task.theta, task.weights
@@ -845,8 +862,9 @@ class MetaOptimizer:
             [model.delta], lr=cfg.delta_lr, momentum=cfg.delta_momentum, weight_decay=cfg.delta_weight_decay
         )
         self.optimizers = {"delta": self.delta}
-        if cfg.uses_masks:
+        if cfg.has_masks:
             self.optimizers["mask"] = torch.optim.SGD([model.log_alpha], lr=cfg.mask_lr)
+        if cfg.has_router:
             self.optimizers["router"] = torch.optim.AdamW(
                 model.router.parameters(), lr=cfg.router_lr, weight_decay=cfg.router_weight_decay
             )
@@ -859,8 +877,9 @@ class MetaOptimizer:
             opt.param_groups[0]["lr"] = self.base_lr[name] * lr_scale
             if scaler is not None:
                 scaler.unscale_(opt)
-        if cfg.uses_masks:
+        if cfg.has_masks:
             nn.utils.clip_grad_norm_([model.log_alpha], cfg.mask_clip)
+        if cfg.has_router:
             nn.utils.clip_grad_norm_(model.router.parameters(), cfg.router_clip)
         for opt in self.optimizers.values():
             if scaler is not None:
@@ -870,9 +889,11 @@ class MetaOptimizer:
             opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
-        if cfg.uses_masks:
+        if cfg.has_masks:
             with torch.no_grad():
                 model.log_alpha.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
+        if cfg.has_constraint:
+            with torch.no_grad():
                 model.multipliers.copy_(  # η_λ is not annealed: the constraint must hold at the end
                     dual_ascent(model.multipliers, violation, sparsity, cfg.sparsity, cfg.multiplier_lr)
                 )

@@ -320,8 +320,8 @@ def claim_run_directory(cfg: Config, out_dir: Path | None, resume: bool,
     the other processes write nothing and claim nothing."""
     if out_dir is None:
         if not procs.main:
-            return None, Path("runs") / rundir.default_run_name(cfg.method)
-        claim = rundir.RunDirectory.new(Path("runs"), rundir.default_run_name(cfg.method))
+            return None, Path("runs") / rundir.default_run_name(cfg)
+        claim = rundir.RunDirectory.new(Path("runs"), rundir.default_run_name(cfg))
         return claim, claim.path
     out_dir = Path(out_dir)
     if not procs.main:
@@ -594,7 +594,7 @@ def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
     record = {"step": run.step, "episode": run.episodes_done,
               "lr_scale": lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction)}
     record |= {k: round(v.item(), 5) for k, v in batch.stats.items()}
-    if cfg.uses_masks:
+    if cfg.has_masks:
         record |= {
             "sparsity": [round(s, 4) for s in sparsity.tolist()],
             "sparsity_mean": round(sparsity.mean().item(), 4), "sparsity_std": round(sparsity.std(correction=0).item(), 4),
@@ -648,7 +648,7 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
                                                     seed=0, device=device, baseline=baseline, progress=stages)
     evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
     results = evaluate.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
-    evaluate.print_table([run["Pre"], run[cfg.method]], ["Pre", cfg.method], console, results["paired"])
+    evaluate.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])
     return results
 
 

@@ -214,7 +214,7 @@ class PredictWorkload(StepWorkload):
         # as evaluate.py does: the test gates depend only on log α, so they are computed once per
         # evaluation, not per episode (older smat.py versions given by --baseline lack the argument)
         self.cached = {}
-        if not pretrained and model.cfg.uses_masks and "gates" in inspect.signature(smat_module.predict).parameters:
+        if not pretrained and model.cfg.method == "smat" and "gates" in inspect.signature(smat_module.predict).parameters:
             with torch.no_grad():
                 gates_of = getattr(smat_module, "eval_gates", None) or smat_module.test_gates  # older name
                 self.cached = {"gates": gates_of(model.log_alpha)}

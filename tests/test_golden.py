@@ -39,7 +39,7 @@ from smat import Config  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden.json")
 TIMING = {"episodes_per_second", "peak_memory_gib", "seconds"}  # measured, never pinned
-NOT_NUMBERS = {"provenance", "config", "data"}  # results.json entries that are no result (paths, versions)
+NOT_NUMBERS = {"provenance", "config", "data", "variant"}  # results.json entries that are no result (paths, labels)
 
 
 def make_assets(base: Path) -> Path:

@@ -729,7 +729,7 @@ def test_a_second_train_py_into_a_running_runs_directory_is_refused_and_a_killed
 def test_runs_started_in_the_same_second_without_out_get_a_directory_each(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("SMAT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rundir, "default_run_name", lambda method: f"{method}-20260101-120000")  # one second
+    monkeypatch.setattr(rundir, "default_run_name", lambda cfg: f"{cfg.method}-20260101-120000")  # one second
     args = train_args(assets, tmp_path)[:-2]  # without --out
 
     results = [CliRunner().invoke(train.app, args) for _ in range(2)]

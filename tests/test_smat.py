@@ -728,3 +728,13 @@ def test_the_router_temperature_anneals_over_the_same_fraction_of_any_run(episod
     assert at(episodes // 4) == pytest.approx((cfg.router_temperature_start + cfg.router_temperature_end) / 2)
     assert at(episodes // 2) == pytest.approx(cfg.router_temperature_end) == at(episodes)
     assert smat.anneal_tasks(Config.paper()) == 18_000  # the official max(0.5, 5 - n/4000) over 50k tasks
+
+
+def test_smat_has_a_router_masks_and_the_constraint_and_pmf_has_none_of_them():
+    smat_cfg, pmf_cfg = Config(), Config.pmf()
+
+    assert (smat_cfg.has_router, smat_cfg.has_masks, smat_cfg.has_constraint, smat_cfg.teacher) == (True,) * 4
+    assert (pmf_cfg.has_router, pmf_cfg.has_masks, pmf_cfg.has_constraint, pmf_cfg.teacher) == (False,) * 4
+    smat_model, pmf_model = make_model(0), make_model(0, pmf=True)
+    assert hasattr(smat_model, "router") and hasattr(smat_model, "log_alpha")
+    assert not hasattr(pmf_model, "router") and not hasattr(pmf_model, "log_alpha")

@@ -443,3 +443,25 @@ def test_unknown_fields_wrong_types_and_newer_formats_are_still_refused_in_one_l
         rundir.read_config(tmp_path)
 
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_default_runs_are_named_by_their_method_and_variants_by_the_settings_they_change():
+    assert rundir.variant(Config()) == {} and rundir.variant(Config.pmf()) == {}
+    assert rundir.variant(Config.paper()) == {}  # the nearer profile's defaults
+    assert rundir.variant(Config(n_experts=16, teacher=False)) == {"n_experts": 16, "teacher": False}
+    assert rundir.variant(Config(seed=3, episodes=400, data="embedded@id")) == {}  # not settings of the method
+
+    assert rundir.variant_label(Config()) == "smat" and rundir.variant_label(Config.pmf()) == "pmf"
+    assert rundir.variant_label(Config(n_experts=16, teacher=False)) == "smat-n_experts16-no_teacher"
+    assert rundir.default_run_name(Config(sparsity=0.7)).startswith("smat-sparsity0.7-")
+
+
+def test_results_record_the_variant_and_its_table_names_it(assets, tmp_path):
+    run = train.meta_train(small_config(assets, sparsity=0.7), tmp_path / "run", device="cpu",
+                           cache_dir=tmp_path / "cache", console=Console(file=io.StringIO()))
+
+    results = json.loads((run / "results.json").read_text())
+
+    assert results["variant"] == {"n_experts": 2, "sparsity": 0.7}
+    assert results["baselines"]["Pre"]["variant"] == {}
+    assert "n_experts = 2, sparsity = 0.7" in (run / "results.md").read_text()
