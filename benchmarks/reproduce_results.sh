@@ -12,7 +12,9 @@
 #    polarities, dark ink on white as built and the same images inverted, as OOD test domains of every
 #    main run: GLYPH_EPISODES per domain, into $OUT/glyphs/<run>/ and $OUT/glyphs-inverted/<run>/.
 # 3. δ scaling: every main run with its δ scaled by 0.25, 0.5, 1, 1.5, and each PMF run also at the
-#    update norm of the SMAT run of its seed (benchmarks/delta_scaling.py), DELTA_EPISODES per domain.
+#    update norm of the SMAT run of its seed (benchmarks/delta_scaling.py), DELTA_EPISODES per domain;
+#    and polarity: every main run and Pre on the embedded OOD domains with each image inverted
+#    (benchmarks/polarity_check.py), GLYPH_EPISODES per domain.
 # 4. ablations, SWEEP_SEEDS: SMAT without the dense teacher (--no-teacher) and without the KD to the
 #    frozen model (--no-kl-to-pretrained), one switch each; tested on SWEEP_EPISODES per domain.
 # 5. sparsity sweep: SMAT at τ in TAUS (τ = 0.9 is the main runs), SWEEP_SEEDS, 8 experts.
@@ -59,13 +61,18 @@ scale() {  # scale RUN [FLAGS]: benchmarks/delta_scaling.py on the run
   [ -f "$OUT/$run/delta-scaling-${DELTA_EPISODES}ep.json" ] && return 0
   "$PYTHON" benchmarks/delta_scaling.py "$OUT/$run" --episodes "$DELTA_EPISODES" "$@" > "$OUT/scale-$run.log" 2>&1
 }
+polarity() {  # polarity RUN: benchmarks/polarity_check.py on the run
+  local run=$1
+  [ -f "$OUT/$run/polarity-inverted-${GLYPH_EPISODES}ep.json" ] && return 0
+  "$PYTHON" benchmarks/polarity_check.py "$OUT/$run" --episodes "$GLYPH_EPISODES" > "$OUT/polarity-$run.log" 2>&1
+}
 finetune() {  # finetune SEED: PMF and SMAT of the seed (and Pre) fine-tuned, results in $OUT/finetune/<run>/
   local seed=$1
   compgen -G "$OUT/finetune/smat-seed$seed/results-full-*.json" > /dev/null && return 0
   "$PYTHON" evaluate.py "$OUT/pmf-seed$seed" "$OUT/smat-seed$seed" --finetune full \
     --test-episodes "$FINETUNE_EPISODES" --out "$OUT/finetune" > "$OUT/finetune-seed$seed.log" 2>&1
 }
-export -f train glyphs scale finetune
+export -f train glyphs scale polarity finetune
 export OUT PYTHON GLYPH_EPISODES DELTA_EPISODES FINETUNE_EPISODES
 parallel() { xargs -P "$JOBS" -L 1 bash -c '"$@"' _; }
 
@@ -80,6 +87,7 @@ done | parallel
   for seed in $SEEDS; do
     for tree in glyphs glyphs-inverted; do echo "glyphs $tree pmf-seed$seed"; echo "glyphs $tree smat-seed$seed"; done
     echo "scale smat-seed$seed"; echo "scale pmf-seed$seed --norm-of $OUT/smat-seed$seed"    # 3
+    echo "polarity smat-seed$seed"; echo "polarity pmf-seed$seed"
   done
   # 4-6, most informative first (each for every sweep seed), so a run cut short keeps paired seeds
   sweep=(noteacher "s0.5" m1 s0 nokl s0.95 m16)
@@ -102,4 +110,5 @@ done | parallel
 } | parallel
 if [ "${FINETUNE:-0}" = 1 ]; then for seed in $SEEDS; do echo "finetune $seed"; done | parallel; fi   # 7
 echo "runs: $OUT/<run>/results.json; real glyphs: $OUT/glyphs-results/<run>/ and $OUT/glyphs-inverted-results/<run>/;"\
-  "δ scaling: $OUT/<run>/delta-scaling-${DELTA_EPISODES}ep.json; selection: $OUT/select/"
+  "δ scaling and polarity: $OUT/<run>/delta-scaling-${DELTA_EPISODES}ep.json, polarity-inverted-*.json;"\
+  "selection: $OUT/select/"

@@ -342,6 +342,10 @@ def main() -> None:
         glyph_smat = seeds_of(root / f"{tree}-results", "smat", GLYPH_RESULTS)
         if glyph_smat and glyph_pmf:
             print(comparison(next(iter(glyph_smat.values()))["baselines"]["Pre"], glyph_pmf, glyph_smat, title))
+    inverted_pmf, inverted_smat = (seeds_of(root, m, "polarity-inverted-*.json") for m in ("pmf", "smat"))
+    if inverted_pmf and inverted_smat:
+        print(comparison(next(iter(inverted_smat.values()))["baselines"]["Pre"], inverted_pmf, inverted_smat,
+                         "Embedded OOD domains with every image inverted, zero-shot"))
     print("#### δ scaling: update size against sparse routing\n\n"
           + delta_scaling(root, sorted(smat), args.delta_episodes))
     families = {"SMAT without the dense teacher": "smat-noteacher", "SMAT without the KD to Pre": "smat-nokl"}
