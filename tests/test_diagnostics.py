@@ -1,6 +1,7 @@
-"""benchmarks/delta_scaling.py: δ scaled by s on a run's own test episodes. At s = 1 it is the run's
-own final test, at s = 0 it is the frozen model (Pre); --norm-of lands on the other run's update norm.
-Two tiny runs through train.py's command line (a random 1-block ViT, 16-px folder domains)."""
+"""The diagnostics of docs/results.md on two tiny runs (train.py's command line, a random 1-block ViT,
+16-px folder domains). benchmarks/delta_scaling.py: at s = 1 it is the run's own final test, at s = 0
+the frozen model (Pre), and --norm-of lands on the other run's update norm. benchmarks/polarity_check.py:
+the inverted domains are the same episodes with every pixel inverted, Pre beside them."""
 
 import importlib.util
 import json
@@ -16,9 +17,16 @@ from PIL import Image
 import backbone as backbones
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("delta_scaling", ROOT / "benchmarks" / "delta_scaling.py")
-delta_scaling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(delta_scaling)
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+delta_scaling, polarity_check = script("delta_scaling"), script("polarity_check")
 EPISODES = 3
 
 
@@ -75,3 +83,21 @@ def test_bad_scales_are_one_line_and_exit_2(runs, capsys):
     assert delta_scaling.main([str(runs["pmf"]), "--scales", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_inverted_domains_hold_the_same_episodes_with_every_pixel_inverted(runs):
+    import data
+    import readers
+
+    ood = [s for s in readers.parse_data_spec(f"folder:{runs['smat'].parent / 'beta'}@ood", 16) if s.split == "ood"]
+    inverted = polarity_check.Inverted(ood[0])
+    original = ood[0].load("test", 0, [0, 1], 16)
+
+    assert torch.equal(inverted.load("test", 0, [0, 1], 16), 255 - original)
+    assert inverted.class_names("test") == ood[0].class_names("test") and inverted.split == "ood"
+    protocol = data.Protocol("fixed", ways=3, shots=2, queries=2)
+    first, second = (next(iter(data.evaluation_episodes(s, "test", protocol, 1, 0, 16))) for s in (ood[0], inverted))
+    assert torch.equal(first.support_labels, second.support_labels)
+    assert polarity_check.main([str(runs["pmf"]), "--episodes", str(EPISODES)]) == 0
+    written = json.loads((runs["pmf"] / f"polarity-inverted-{EPISODES}ep.json").read_text())
+    assert list(written["domains"]) == ["beta"] and written["baselines"]["Pre"]["method"] == "pre"
