@@ -89,6 +89,9 @@ class Config:
     # fraction of the run's tasks until T_r reaches its end value: 400 of the CPU profile's 800 tasks;
     # the official code anneals over 18k of 50k (0.36). A fraction, so a short run still shows routing.
     router_anneal_fraction: float = 0.5
+    # top-k routing (a variant, docs/extending.md): only the K highest-scoring experts of a task merge;
+    # 0 = all of them, the paper's soft merge
+    router_top_k: int = 0
     router_logit_penalty: float = 1e-4  # 1e-4·mean(a²) "for stabilised training" [official: SIE L686]
     cosine_scale: float = 10.0  # logits = 10·cos(f, W_c) [official: common.py sim_func]
     inner_step: bool = True  # one first-order GD step on the support set, training only [SMAT §3.6]
@@ -161,6 +164,8 @@ class Config:
             (0 <= self.seed <= MAX_SEED, "seed", self.seed, f"an integer in [0, {MAX_SEED}]"),
             (self.teacher_steps >= 1, "teacher_steps", self.teacher_steps, "an integer >= 1"),
             (self.router_tokens >= 1, "router_tokens", self.router_tokens, "an integer >= 1"),
+            (0 <= self.router_top_k <= self.n_experts, "router_top_k", self.router_top_k,
+             f"an integer in [0, {self.n_experts}] (the number of experts; 0 = all)"),
             (self.image_size >= 8, "image_size", self.image_size, "an integer >= 8"),
             (0.0 <= self.distill_weight <= 1.0, "distill_weight", self.distill_weight, "a number in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "a number > 0"),
@@ -441,7 +446,7 @@ class Router(nn.Module):
         super().__init__()
         linear = _SpectralLinear if cfg.router_spectral_norm else nn.Linear
         hidden = int(dim * cfg.router_mlp_ratio)
-        self.heads = cfg.router_heads
+        self.heads, self.top_k = cfg.router_heads, cfg.router_top_k
         self.tokens = nn.Parameter(torch.randn(cfg.router_tokens, dim) * 1e-3)  # S [official: SIE L97]
         self.keys = nn.Parameter(nn.init.kaiming_normal_(torch.empty(cfg.n_experts, dim)))  # K
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
@@ -471,6 +476,8 @@ class Router(nn.Module):
             scores = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
         else:
             scores = torch.sigmoid(logits / temperature)
+        if self.top_k:  # top-k routing: the other experts' scores are zeroed before normalising
+            scores = scores * torch.zeros_like(scores).scatter_(0, scores.topk(self.top_k).indices, 1.0)
         # NOTE: independent sigmoids normalised to sum to one, not a softmax [official: SIE L348]
         return scores / (scores.sum() + 1e-8), logits
 

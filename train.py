@@ -15,6 +15,7 @@ processes, files and time. Run directories are claimed, read and written by rund
 """
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -659,10 +660,29 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 PROFILES = {"cpu": Config(), "paper": Config.paper()}
 
 
-def option(*names: str, help: str, field: str | None = None, **kwargs):
-    """A flag that overrides a Config field; --help shows its default in each profile (`profile_defaults`)."""
-    default = escape(f"[default: {profile_defaults(field)}]") if field else ""  # brackets as text, not markup
-    return typer.Option(*names, help=f"{help} {default}".rstrip(), show_default=False, **kwargs)
+CONFIG_FIELDS = [f.name for f in dataclasses.fields(Config)]
+
+
+def option(*names: str, help: str, **kwargs):
+    """A flag of `main`; where its parameter is named after a Config field, `config_flags` adds that
+    field's default in each profile to its help and `main` passes its value on as an override."""
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def config_flags(command):
+    """The one place that ties a flag to a Config field: the parameter's name. `--experts` is the
+    parameter `n_experts`, so its --help shows n_experts' defaults (`profile_defaults`), and
+    `given_fields` hands its value to the Config."""
+    for name, parameter in inspect.signature(command).parameters.items():
+        if name in CONFIG_FIELDS:
+            info = parameter.annotation.__metadata__[0]
+            info.help = f"{info.help} {escape(f'[default: {profile_defaults(name)}]')}"  # brackets as text
+    return command
+
+
+def given_fields(flags: dict) -> dict:
+    """The Config fields among `main`'s parameters that the command line set (a flag left out is None)."""
+    return {name: value for name, value in flags.items() if name in CONFIG_FIELDS and value is not None}
 
 
 def profile_defaults(field: str) -> str:
@@ -683,27 +703,28 @@ def profile_defaults(field: str) -> str:
 
 
 @app.command(cls=rundir.OneLineCommand)
+@config_flags
 def main(
-    sparsity: Annotated[Optional[float], option(help="target fraction of zeros per expert, τ in [0, 1)", field="sparsity")] = None,
-    experts: Annotated[Optional[int], option(help=f"number of experts in [1, {smat.MAX_EXPERTS}]", field="n_experts")] = None,
-    episodes: Annotated[Optional[int], option(help="meta-training episodes (tasks), a multiple of the meta-batch", field="episodes")] = None,
-    method: Annotated[Optional[smat.Method], option(help="smat, or pmf (dense ProtoNet meta-tuning)", field="method")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/METHOD-TIME)")] = None,
-    seed: Annotated[Optional[int], option(help=f"random seed in [0, {smat.MAX_SEED}]", field="seed")] = None,
+    sparsity: Annotated[Optional[float], option(help="target fraction of zeros per expert, τ in [0, 1)")] = None,
+    n_experts: Annotated[Optional[int], option("--experts", help=f"number of experts in [1, {smat.MAX_EXPERTS}]")] = None,
+    episodes: Annotated[Optional[int], option(help="meta-training episodes (tasks), a multiple of the meta-batch")] = None,
+    method: Annotated[Optional[smat.Method], option(help="smat, or pmf (dense ProtoNet meta-tuning)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/METHOD[-VARIANT]-TIME)")] = None,
+    seed: Annotated[Optional[int], option(help=f"random seed in [0, {smat.MAX_SEED}]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    data_spec: Annotated[Optional[str], option("--data", help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood", field="data")] = None,
-    backbone: Annotated[Optional[str], option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file", field="backbone")] = None,
+    data: Annotated[Optional[str], option(help="embedded, folder:PATH, torchvision:NAME:ROOT, h5:PATH/SOURCE; comma-joined, @id/@ood")] = None,
+    backbone: Annotated[Optional[str], option(help="tiny, vit_small_patch16[:WEIGHTS], vit_base_patch16[:WEIGHTS] or a backbone file")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
     profile: Annotated[Optional[Literal["cpu", "paper"]], typer.Option(help=escape("cpu (embedded, tiny ViT) or paper (ViT-S/16 DINO, Meta-Dataset) [default: cpu]"))] = None,
-    teacher: Annotated[Optional[bool], option("--teacher/--no-teacher", help="dense teacher + distillation", field="teacher")] = None,
-    kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model", field="kl_to_pretrained")] = None,
-    kl_pretrained: Annotated[Optional[bool], typer.Option("--kl-pretrained/--no-kl-pretrained", hidden=True)] = None,  # the old spelling
-    mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)", field="mask_sampling")] = None,
-    constraint_gates: Annotated[Optional[smat.ConstraintGates], option(help="the gates ŝ ≥ τ counts: test (the evaluated model's) or sampled (the paper's)", field="constraint_gates")] = None,
-    precision: Annotated[Optional[smat.Precision], option(help="GPU autocast: auto = bf16 where the card has it, else fp16 with a loss scaler (CPU runs in fp32)", field="precision")] = None,
-    test_episodes: Annotated[Optional[int], option(help="test episodes per domain (≥ 2)", field="test_episodes")] = None,
-    val_episodes: Annotated[Optional[int], option(help="validation episodes per ID domain (≥ 2)", field="val_episodes")] = None,
-    checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints (≥ 1)", field="checkpoint_every")] = None,
+    teacher: Annotated[Optional[bool], option("--teacher/--no-teacher", help="dense teacher + distillation")] = None,
+    kl_to_pretrained: Annotated[Optional[bool], option("--kl-to-pretrained/--no-kl-to-pretrained", help="extra KL to the frozen model")] = None,
+    router_top_k: Annotated[Optional[int], option(help="route each task to its K highest-scoring experts (0: all)")] = None,
+    mask_sampling: Annotated[Optional[smat.MaskSampling], option(help="stochastic (Louizos) or official (noise-free)")] = None,
+    constraint_gates: Annotated[Optional[smat.ConstraintGates], option(help="the gates ŝ ≥ τ counts: test (the evaluated model's) or sampled (the paper's)")] = None,
+    precision: Annotated[Optional[smat.Precision], option(help="GPU autocast: auto = bf16 where the card has it, else fp16 with a loss scaler (CPU runs in fp32)")] = None,
+    test_episodes: Annotated[Optional[int], option(help="test episodes per domain (≥ 2)")] = None,
+    val_episodes: Annotated[Optional[int], option(help="validation episodes per ID domain (≥ 2)")] = None,
+    checkpoint_every: Annotated[Optional[int], option(help="episodes between resumable checkpoints (≥ 1)")] = None,
     stop_after: Annotated[Optional[int], typer.Option(help="stop after this many episodes (a multiple of the meta-batch), resumable")] = None,
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
@@ -716,15 +737,9 @@ def main(
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (needs the tensorboard extra)")] = False,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
-    overrides = {"sparsity": sparsity, "n_experts": experts, "episodes": episodes, "method": method, "seed": seed,
-                 "data": data_spec, "backbone": backbone, "teacher": teacher,
-                 "kl_to_pretrained": kl_pretrained if kl_to_pretrained is None else kl_to_pretrained,
-                 "mask_sampling": mask_sampling, "constraint_gates": constraint_gates, "precision": precision,
-                 "test_episodes": test_episodes, "val_episodes": val_episodes,
-                 "checkpoint_every": checkpoint_every}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = given_fields(locals())  # the named flags: parameters named after Config fields
     try:
-        check_flags(resume, out, profile, kl_to_pretrained, kl_pretrained)
+        check_flags(resume, out, profile)
         overrides = config_overrides(config_file, settings or []) | overrides
         cfg = make_config(profile or "cpu", overrides, resume)
         if not check_shapes or compile_model:  # dynamo cannot trace the shape checks
@@ -745,15 +760,12 @@ def main(
         fail(rundir.os_error_line(error))
 
 
-def check_flags(resume: Path | None, out: Path | None, profile: str | None, kl_to_pretrained: bool | None,
-                kl_pretrained: bool | None) -> None:
+def check_flags(resume: Path | None, out: Path | None, profile: str | None) -> None:
     """Flags that contradict each other: never silently ignore one."""
     if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
         raise RunError(f"--resume {resume} continues the run in its own directory; drop --out {out}")
     if resume is not None and profile is not None:
         raise RunError("--resume keeps the run's configuration; drop --profile")
-    if None not in (kl_to_pretrained, kl_pretrained) and kl_to_pretrained != kl_pretrained:
-        raise RunError("--kl-to-pretrained and --kl-pretrained (its old spelling) disagree; pass one of them")
 
 
 def config_overrides(config_file: Path | None, settings: list[str]) -> dict:

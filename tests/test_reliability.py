@@ -452,8 +452,10 @@ CASES = {
     "evaluate two runs of one name into one --out": lambda a, ws: (
         E, evaluate_args(copy_run(a, ws / "a" / "run"), str(copy_run(a, ws / "b" / "run")), "--out", str(ws / "out")),
         "two runs are named run"),
-    "--kl-to-pretrained with --no-kl-pretrained (its old spelling)": lambda a, ws: (
-        T, train_args(a, ws, "--kl-to-pretrained", "--no-kl-pretrained"), "disagree"),
+    "--no-kl-pretrained (an old spelling, no longer a flag)": lambda a, ws: (
+        T, train_args(a, ws, "--no-kl-pretrained"), "No such option: --no-kl-pretrained"),
+    "--router-top-k beyond the experts": lambda a, ws: (
+        T, train_args(a, ws, "--router-top-k", "3"), "router_top_k = 3 is out of range; it must be an integer in [0, 2]"),
     # class 8: messages
     "a path with a newline": lambda a, ws: (T, train_args(a, ws, data_spec=f"folder:{ws}/no\nwhere@id"),
                                             "no where does not exist"),

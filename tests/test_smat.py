@@ -738,3 +738,31 @@ def test_smat_has_a_router_masks_and_the_constraint_and_pmf_has_none_of_them():
     smat_model, pmf_model = make_model(0), make_model(0, pmf=True)
     assert hasattr(smat_model, "router") and hasattr(smat_model, "log_alpha")
     assert not hasattr(pmf_model, "router") and not hasattr(pmf_model, "log_alpha")
+
+
+# --- top-k routing, the worked example of docs/extending.md ---------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_top_k_routing_merges_exactly_k_experts_with_weights_summing_to_one(top_k):
+    model = make_model(0, router_top_k=top_k)
+    prototypes = torch.randn(5, model.feature_dim, generator=torch.Generator().manual_seed(1))
+    temperature = torch.tensor(1.0)
+
+    for generator in (None, torch.Generator().manual_seed(2)):  # test time and training
+        weights, logits = model.router(prototypes, temperature, generator)
+
+        assert (weights > 0).sum() == top_k and torch.isclose(weights.sum(), torch.tensor(1.0))
+    kept = model.router(prototypes, temperature)[0].nonzero().flatten()
+    assert set(kept.tolist()) == set(logits.topk(top_k).indices.tolist())  # the highest-scoring experts
+
+
+def test_top_k_routing_with_k_equal_to_the_pool_is_the_soft_merge_and_sends_gradient_to_kept_experts():
+    soft, full = make_model(0), make_model(0, router_top_k=4)  # 4 experts
+    prototypes = torch.randn(5, soft.feature_dim, generator=torch.Generator().manual_seed(1))
+
+    torch.testing.assert_close(full.router(prototypes, torch.tensor(1.0))[0], soft.router(prototypes, torch.tensor(1.0))[0])
+    one = make_model(0, router_top_k=2)
+    weights, _ = one.router(prototypes, torch.tensor(1.0))
+    (grad,) = torch.autograd.grad(weights[weights > 0].max(), one.router.keys)
+    assert (grad[weights == 0] == 0).all() and (grad[weights > 0] != 0).any()  # a dropped expert learns nothing here

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -465,3 +466,24 @@ def test_results_record_the_variant_and_its_table_names_it(assets, tmp_path):
     assert results["variant"] == {"n_experts": 2, "sparsity": 0.7}
     assert results["baselines"]["Pre"]["variant"] == {}
     assert "n_experts = 2, sparsity = 0.7" in (run / "results.md").read_text()
+
+
+def test_each_named_flag_is_one_parameter_named_after_its_config_field_and_none_is_hidden():
+    parameters = inspect.signature(train.main).parameters
+    options = {name: p.annotation.__metadata__[0] for name, p in parameters.items()}
+
+    command_only = {"out", "device", "resume", "profile", "stop_after", "evaluate_at_end", "check_shapes",
+                    "config_file", "settings", "workers", "compile_model", "tensorboard"}
+    assert set(parameters) - set(train.CONFIG_FIELDS) == command_only
+    assert [name for name, info in options.items() if info.hidden] == []
+    assert all("[default: " in options[name].help for name in set(parameters) & set(train.CONFIG_FIELDS))
+    assert train.given_fields({"n_experts": 4, "seed": None, "out": "x"}) == {"n_experts": 4}
+
+
+def test_router_top_k_from_the_command_line_reaches_the_run_and_names_it(assets, tmp_path):
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--experts", "3", "--router-top-k", "2", "--episodes", "4", "--no-evaluate",
+                                            "--out", str(tmp_path / "run"), "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["router_top_k"] == 2
