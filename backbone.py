@@ -1,8 +1,8 @@
 """The Vision Transformer backbone SMAT meta-tunes: DINO/timm parameter layout, weight I/O, pretraining.
 
 SMAT starts from a frozen self-supervised ViT (DINO ViT-S/16, CLS feature after the final LayerNorm)
-[SMAT §1.2] and meta-trains at 128 px from 224-px weights, so position embeddings are interpolated
-[SMAT §1.3]. Parameter names and shapes equal DINO's / timm's, so official checkpoints load as they
+[M1.2] and meta-trains at 128 px from 224-px weights, so position embeddings are interpolated
+[M1.3]. Parameter names and shapes equal DINO's / timm's, so official checkpoints load as they
 are and `torch.func.functional_call` can drive the model from one flat parameter vector (smat.py).
 Start at `VisionTransformer.forward`; `load_dino_weights` reads official checkpoints;
 `load_shipped` reads the committed weights of the "tiny" CPU stand-in for DINO, which
@@ -136,7 +136,7 @@ def interpolate_pos_embed(
 
 
 class VisionTransformer(nn.Module):
-    """ViT without a classification head; returns the CLS token after the final LayerNorm [SMAT §1.2].
+    """ViT without a classification head; returns the CLS token after the final LayerNorm [M1.2].
 
     Stateless in the parameters (no caches, no in-place updates), so it runs under
     `torch.func.functional_call` with parameters that are views of one flat vector.

@@ -1,8 +1,8 @@
 """Meta-test SMAT runs: `python evaluate.py RUN_DIR [RUN_DIR ...]`.
 
 Every run is tested on the same seeded episodes of every ID and OOD domain (600 per domain by
-default) and reported as mean accuracy with a 95% confidence interval [SMAT §1.6], zero-shot
-[SMAT §5.1] or after fine-tuning on the support set [SMAT §5.2; finetuning.py]. Start at
+default) and reported as mean accuracy with a 95% confidence interval [M1.6], zero-shot
+[M5.1] or after fine-tuning on the support set [M5.2; finetuning.py]. Start at
 `evaluate_model`; below it are the choice of the fine-tuning lr on validation episodes, tables and
 results files, inference cost and pictures, and last the command line, which only parses flags and
 calls these functions. Runs are read through rundir.py; this module never imports train.py.
@@ -65,7 +65,7 @@ class EvaluateError(ValueError):
 
 @typechecked
 def confidence_interval(accuracies: Float[Tensor, " n_episodes"]) -> tuple[float, float]:
-    """(mean, half-width of the 95% CI) in percent: 1.96·std/√n with the unbiased std [SMAT §1.6]."""
+    """(mean, half-width of the 95% CI) in percent: 1.96·std/√n with the unbiased std [M1.6]."""
     percent = accuracies.double() * 100
     return percent.mean().item(), (1.96 * percent.std(correction=1) / len(percent) ** 0.5).item()
 
@@ -236,7 +236,7 @@ def episode_logits(model: SMAT, episode: Episode, n_way: int, finetune: Finetune
                            finetune, lr, steps, seed, pretrained=baseline == "pretrained", gates=gates)
 
 
-# --- § 2 Fine-tuning on the support set [SMAT §5.2]: the lr, chosen on validation episodes ----------
+# --- § 2 Fine-tuning on the support set [M5.2]: the lr, chosen on validation episodes ----------
 
 
 def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune: FinetuneMode, *, seed: int,

@@ -1,4 +1,4 @@
-"""Fine-tuning on the support set before predicting the queries [SMAT §5.2; official md_few_shot].
+"""Fine-tuning on the support set before predicting the queries [M5.2; official md_few_shot].
 
 The meta-tested model's θ_i (router, test gates) is the start; `finetune_logits` then takes a few AdamW
 steps on the augmented support set, over all of θ ("full") or over LoRA factors on the attention's
@@ -95,7 +95,7 @@ def finetune_logits(
     pretrained: bool = False,
     gates: Tensor | None = None,
 ) -> tuple[Float[Tensor, "n_query n_way"], Float[Tensor, " n_experts"]]:
-    """Fine-tune θ_i on the support set, then predict the queries [SMAT §5.2; official md_few_shot].
+    """Fine-tune θ_i on the support set, then predict the queries [M5.2; official md_few_shot].
 
     θ_i (detached) is the start. Each step: prototypes from the un-augmented support (with gradient),
     10·cos logits of the augmented support, cross-entropy, one AdamW step on θ (full) or on the LoRA

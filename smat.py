@@ -8,8 +8,9 @@ student and holds every expert at a target sparsity τ with a Lagrangian constra
 
 Paper: Chen, Tack, Yang, Teh, Schwarz, Wei. "Unleashing the Power of Meta-tuning for Few-shot
 Generalization Through Sparse Interpolated Experts". ICML 2024, arXiv 2403.08477 (v1). The paper's
-equation numbers are not available to us: tags name the method's parts by the numbers docs/method.md
-lists (`[SMAT §3.9]`: the sparsity constraint) and cite the official code at commit 302a914
+equation numbers are not available to us: `[M3.9]`-style tags are this project's own numbering of the
+method's parts, rows of docs/method.md's table (M3.9: the sparsity constraint), never the paper's
+section numbers; `[official: ...]` tags cite the official code at commit 302a914
 (`[official: SIE Lnnn]`, SIE = src/learners/meta_learners/sparse_interpolated_experts.py). Choices that differ from either are
 marked `NOTE:` and listed in docs/deviations.md.
 
@@ -67,13 +68,13 @@ class Config:
     """Every hyper-parameter of a run, with its default; written beside every checkpoint.
 
     The defaults are the CPU profile (embedded benchmark, tiny ViT). `Config.paper()` gives the
-    paper's ViT-S/16 DINO Meta-Dataset settings [SMAT §3.11, official configs/md_smat_vits_dino.yaml].
+    paper's ViT-S/16 DINO Meta-Dataset settings [M3.11, official configs/md_smat_vits_dino.yaml].
     """
 
-    # method [SMAT §3]
+    # method [M3]
     method: Method = "smat"  # pmf = dense ProtoNet meta-tuning, the same code with parts off
     n_experts: int = 8  # |M|, size of the expert pool [official: sparsity.num_experts]
-    sparsity: float = 0.9  # τ, target fraction of zeros in every expert's mask [SMAT §3.9]
+    sparsity: float = 0.9  # τ, target fraction of zeros in every expert's mask [M3.9]
     mask_init_std: float = 0.5  # log α ~ N(0, 0.5²) [official: SIE L127-128]
     log_alpha_bound: float = math.log(100.0)  # log α clamped to ±4.605 [official: SIE L352-354]
     mask_sampling: MaskSampling = "stochastic"  # §2; official = noise-free, β=1 at test
@@ -94,11 +95,11 @@ class Config:
     router_top_k: int = 0
     router_logit_penalty: float = 1e-4  # 1e-4·mean(a²) "for stabilised training" [official: SIE L686]
     cosine_scale: float = 10.0  # logits = 10·cos(f, W_c) [official: common.py sim_func]
-    inner_step: bool = True  # one first-order GD step on the support set, training only [SMAT §3.6]
+    inner_step: bool = True  # one first-order GD step on the support set, training only [M3.6]
     # NOTE: the CPU profile's inner and teacher lrs are 4× the official (1e-3, 5e-3, in `paper()`):
     # chosen with δ lr on ID validation classes (benchmarks/select_lr.sh), so the teacher leads.
     inner_lr: float = 4e-3
-    teacher: bool = True  # dense teacher, distilled into the student [SMAT §3.8]
+    teacher: bool = True  # dense teacher, distilled into the student [M3.8]
     teacher_steps: int = 1  # K; the official code hard-codes 1 [official: SIE L657]
     teacher_lr: float = 2e-2
     distill_temperature: float = 2.0  # T
@@ -106,7 +107,7 @@ class Config:
     distill_direction: Literal["reverse", "forward"] = "reverse"  # official: KL(student‖teacher)
     kl_to_pretrained: bool = True  # extra KD term to the frozen model's ProtoNet [official: SIE L668-685]
 
-    # meta-update [SMAT §3.11]
+    # meta-update [M3.11]
     meta_batch: int = 4  # tasks per optimiser step
     episodes: int = 800  # meta-training episodes (tasks); official 50k
     # NOTE: the CPU profile's learning rates (δ, λ, router) are larger than the official ones (in
@@ -219,7 +220,7 @@ class Config:
 
     @classmethod
     def paper(cls, **overrides) -> "Config":
-        """The paper's ViT-S/16 DINO Meta-Dataset profile [SMAT §1.3-1.5, §3.11]: 50k tasks, 128 px."""
+        """The paper's ViT-S/16 DINO Meta-Dataset profile [M1.3-1.5, M3.11]: 50k tasks, 128 px."""
         sources = ("ilsvrc_2012", "aircraft", "cu_birds", "quickdraw", "dtd", "fungi", "vgg_flower", "omniglot")
         paper = dict(
             backbone="vit_small_patch16", image_size=128, train_protocol="variable", test_protocol="variable",
@@ -351,11 +352,11 @@ def max_sparsity(cfg: "Config") -> float:
 
 @typechecked
 def hard_sparsity(gates: Float[Tensor, "n_experts n_params"]) -> Float[Tensor, " n_experts"]:
-    """ŝ_m = #(z_m = 0) / P, the quantity the constraint ŝ_m ≥ τ is about [SMAT §3.9]."""
+    """ŝ_m = #(z_m = 0) / P, the quantity the constraint ŝ_m ≥ τ is about [M3.9]."""
     return (gates == 0).sum(dim=-1) / gates.shape[-1]  # an exact count: no M×P float copy, no fp32 rounding
 
 
-# --- § 3 Sparse interpolated experts [SMAT §3.1, §3.3] --------------------------------------------
+# --- § 3 Sparse interpolated experts [M3.1, M3.3] --------------------------------------------
 
 
 class ParamLayout:
@@ -390,7 +391,7 @@ class ParamLayout:
 def merge_masks(
     weights: Float[Tensor, " n_experts"], gates: Float[Tensor, "n_experts n_params"]
 ) -> Float[Tensor, " n_params"]:
-    """The task's merged mask Σ_m w_m z_m [SMAT §3.1; official: SIE L335]."""
+    """The task's merged mask Σ_m w_m z_m [M3.1; official: SIE L335]."""
     # in float32 even under autocast: a bf16 matmul would round the mask and keep an M×P bf16 copy
     with torch.autocast(gates.device.type, enabled=False):
         return weights.to(gates.dtype) @ gates
@@ -400,7 +401,7 @@ def merge_masks(
 def interpolate(
     theta_pre: Float[Tensor, " n_params"], delta: Float[Tensor, " n_params"], mask: Float[Tensor, " n_params"]
 ) -> Float[Tensor, " n_params"]:
-    """θ_i = θ_pre + mask ⊙ δ [SMAT §3.1; official: SIE L434]. mask = 1 gives the dense update."""
+    """θ_i = θ_pre + mask ⊙ δ [M3.1; official: SIE L434]. mask = 1 gives the dense update."""
     return theta_pre + mask * delta
 
 
@@ -418,7 +419,7 @@ GATES = {
 }
 
 
-# --- § 4 Expert router: a hypernetwork on support prototypes [SMAT §3.4] -------------------------
+# --- § 4 Expert router: a hypernetwork on support prototypes [M3.4] -------------------------
 
 
 class _SpectralLinear(nn.Linear):
@@ -498,7 +499,7 @@ def router_temperature(cfg: Config, tasks_seen: Tensor) -> Tensor:
     return (cfg.router_temperature_start - slope * tasks_seen.float()).clamp(min=cfg.router_temperature_end)
 
 
-# --- § 5 Prototype head and the first-order inner step [SMAT §3.5-3.7] ---------------------------
+# --- § 5 Prototype head and the first-order inner step [M3.5-3.7] ---------------------------
 
 
 @typechecked
@@ -526,7 +527,7 @@ def inner_step(
     support_labels: Int[Tensor, " n_support"],
     cfg: Config,
 ) -> tuple[Float[Tensor, " n_params"], Float[Tensor, "n_way dim"]]:
-    """One first-order GD step on the support loss, over θ_i and the head W [SMAT §3.6].
+    """One first-order GD step on the support loss, over θ_i and the head W [M3.6].
 
     θ' = θ - α·∇_θ L_s and W' = W - α·∇_W L_s with the gradients treated as constants (first order),
     so ∂θ'/∂θ = I. The head enters L_s detached; afterwards its graph is re-attached
@@ -539,7 +540,7 @@ def inner_step(
     return theta - cfg.inner_lr * grad_theta, prototypes - cfg.inner_lr * grad_head
 
 
-# --- § 6 Meta-objective: dense teacher, distillation, sparsity constraint [SMAT §3.8-3.10] -------
+# --- § 6 Meta-objective: dense teacher, distillation, sparsity constraint [M3.8-3.10] -------
 
 
 # f_θ(x) as a function of the flat parameters θ and the images: SMAT.features
@@ -559,7 +560,7 @@ def dense_teacher(
 ) -> Float[Tensor, "n_query n_way"]:
     """θ^tr: K steps of plain GD on the query loss from sg(θ'), over all P parameters (dense, no mask).
 
-    Returns the teacher's query logits, detached [SMAT §3.8; official: SIE L643-666]. `student_loss`,
+    Returns the teacher's query logits, detached [M3.8; official: SIE L643-666]. `student_loss`,
     the student's query CE at (θ', W'), is the teacher's first loss at the same point, so its graph
     gives the first gradient without another forward pass (and is kept for the student's backward).
     It must reach θ' only through the query features, as after the inner step: were θ' also under
@@ -608,7 +609,7 @@ def sparsity_penalty(
     density: Float[Tensor, " n_experts"],
     target_sparsity: float,
 ) -> Float[Tensor, ""]:
-    """Primal term of the Lagrangian, Σ_m sg(w_m)·sg(λ_m)·(Ê_m - (1 - τ)) [SMAT §3.9].
+    """Primal term of the Lagrangian, Σ_m sg(w_m)·sg(λ_m)·(Ê_m - (1 - τ)) [M3.9].
 
     The constraint is ŝ_m ≥ τ for every expert m. This term pushes the expected density Ê_m of each
     expert the task selects down while its multiplier is positive; the multipliers themselves move by
@@ -669,7 +670,7 @@ class SMAT(nn.Module):
         generator: torch.Generator | None = None,
         gates: Float[Tensor, "n_experts n_params"] | None = None,
     ) -> "TaskParameters":
-        """θ_i from the router and the experts [SMAT §3.1, §3.4].
+        """θ_i from the router and the experts [M3.1, M3.4].
 
         A generator means training (sampled gates); without one, the deterministic test gates, which
         `gates` may pass in precomputed (they do not depend on the task). PMF has no router and no
@@ -722,14 +723,14 @@ def meta_train_step(
     n_way: int,
     generator: torch.Generator,
 ) -> StepOutput:
-    """One meta-training task: the SMAT loss L_i of [SMAT §3.10], ready for backward.
+    """One meta-training task: the SMAT loss L_i of [M3.10], ready for backward.
 
     `generator` draws every random number of the task (router noise, gate samples), so a task is a
     pure function of its data and its seed: resumed and multi-process runs repeat it exactly.
     """
     cfg, n_support = model.cfg, len(support_labels)
     # 1) The frozen model, once over support ∪ query: its support prototypes feed the router, its
-    #    query logits the extra KL [SMAT §3.4, §3.8].
+    #    query logits the extra KL [M3.4, M3.8].
     with torch.no_grad():
         pre = model.features(model.theta_pre, torch.cat([support_images, query_images]))
         pre_prototypes = class_prototypes(pre[:n_support], support_labels, n_way)
@@ -737,7 +738,7 @@ def meta_train_step(
     # 2) Router -> merging weights w; sampled gates z; task model θ_i = θ_pre + (Σ w_m z_m) ⊙ δ.
     task = model.task_parameters(pre_prototypes, generator)
     theta, weights = task.theta, task.weights
-    sparsity = torch.zeros(cfg.n_experts, device=theta.device)  # ŝ that the constraint counts [SMAT §3.9]
+    sparsity = torch.zeros(cfg.n_experts, device=theta.device)  # ŝ that the constraint counts [M3.9]
     if cfg.has_constraint:  # NOTE: on the test gates by default, the gates of the model that is evaluated
         sparsity = hard_sparsity(task.gates) if cfg.constraint_gates == "sampled" else eval_sparsity(model.log_alpha)
     task.gates = None  # M×P, and nothing below needs it: keep it out of the step's peak memory
@@ -822,7 +823,7 @@ def predict(
     pretrained: bool = False,
     gates: Tensor | None = None,
 ) -> Prediction:
-    """Zero-shot meta-testing [SMAT §5.1]: router (deterministic) -> test gates -> θ_i -> ProtoNet.
+    """Zero-shot meta-testing [M5.1]: router (deterministic) -> test gates -> θ_i -> ProtoNet.
 
     No inner step, no teacher. `pretrained=True` is the "Pre" baseline: ProtoNet on θ_pre itself.
     """
@@ -833,7 +834,7 @@ def predict(
     return Prediction(cosine_logits(features[n_support:], prototypes, model.cfg.cosine_scale), weights)
 
 
-# --- § 8 Meta-update: optimisers, clipping, dual ascent [SMAT §3.9, §3.11] -----------------------
+# --- § 8 Meta-update: optimisers, clipping, dual ascent [M3.9, M3.11] -----------------------
 
 
 class NonFiniteLoss(RuntimeError):
@@ -915,7 +916,7 @@ class MetaOptimizer:
 
 def meta_update(model: SMAT, optimizer: MetaOptimizer, outputs: list[StepOutput], lr_scale: float,
                 scaler: torch.amp.GradScaler | None = None) -> MetaBatch:
-    """One outer step from a meta-batch of tasks [SMAT §3.11], after each task's backward of
+    """One outer step from a meta-batch of tasks [M3.11], after each task's backward of
     L_i / meta_batch (so the gradients hold the meta-batch mean).
 
     With torch.distributed initialised, each of the `world` processes holds meta_batch / world of

@@ -225,7 +225,7 @@ def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None,
     setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
     with stream as episodes, Monitor(run, procs.main, console, setting, tensorboard) as monitor:
         while run.step < run.last_step:
-            # --- method: a meta-batch of tasks, then one meta-update [SMAT §3.10-3.11] ---
+            # --- method: a meta-batch of tasks, then one meta-update [M3.10-3.11] ---
             outputs = []
             for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
                 episode, task = next(episodes).to(procs.device), run.episodes_done + index

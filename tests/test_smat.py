@@ -402,7 +402,7 @@ def test_exactly_the_trainable_tensors_receive_gradients_and_the_backbone_none()
 
 
 def loss_terms_by_hand(model: SMAT, episode, seed: int) -> tuple[dict, dict]:
-    """Every term of one task's loss [SMAT §3.4-3.10], written out with plain torch ops from the model's
+    """Every term of one task's loss [M3.4-3.10], written out with plain torch ops from the model's
     tensors (the backbone through model.features, the router block through Router.embed: both pinned
     above), for noise-free gates (mask_sampling "official") and one teacher step. Returns (terms,
     intermediates): the loss is (1-κ)·ce + κ·(distill_teacher + distill_pre) + sparsity_penalty +
@@ -583,7 +583,7 @@ def test_a_fresh_model_predicts_like_the_pretrained_backbone():
 
     zero_shot, pre = smat.predict(model, xs, ys, xq, n_way), smat.predict(model, xs, ys, xq, n_way, pretrained=True)
 
-    torch.testing.assert_close(zero_shot.logits, pre.logits)  # δ = 0 at initialisation [SMAT §3.3]
+    torch.testing.assert_close(zero_shot.logits, pre.logits)  # δ = 0 at initialisation [M3.3]
 
 
 def test_a_few_hundred_steps_lower_the_query_loss_and_move_sparsity_towards_the_target():

@@ -1,6 +1,7 @@
 """The shape of the house: the top-level modules import one way, and none patches another's internals."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,15 @@ def test_the_modules_import_one_way():
 
 def test_no_library_module_uses_unittest_mock():
     assert [name for name, path in MODULES.items() if any(m.startswith("unittest") for m in imported_modules(path))] == []
+
+
+def test_every_method_tag_is_a_row_of_method_md_and_none_looks_like_a_paper_section():
+    rows = re.findall(r"^\| M(\d[\d.]*)", (ROOT / "docs" / "method.md").read_text(), re.M)
+    used = {}
+    for name, path in MODULES.items():
+        text = path.read_text()
+        assert "SMAT §" not in text, f"{name}.py: tags are [M...] rows of docs/method.md, not paper sections"
+        for tag in re.findall(r"\[(M\d[^\]]*)\]", text):
+            used |= {part.split("-")[0][1:]: name for part in re.split(r"[,;] ", tag) if re.fullmatch(r"M\d[\d.\-]*", part)}
+
+    assert used and set(used) <= set(rows), {k: v for k, v in used.items() if k not in rows}
