@@ -92,7 +92,8 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
     differences = {"SMAT − PMF": evaluate.paired_difference(smat_mean, pmf_mean),
                    "SMAT − Pre": evaluate.paired_difference(smat_mean, pre),
                    "PMF − Pre": evaluate.paired_difference(pmf_mean, pre)}
-    names = [f"Pre{mode}", f"PMF{mode} ({len(pmf)} seeds)", f"SMAT{mode} ({len(smat)} seeds)"]
+    seeds = lambda runs: f"{len(runs)} seed{'s' if len(runs) != 1 else ''}"  # noqa: E731
+    names = [f"Pre{mode}", f"PMF{mode} ({seeds(pmf)})", f"SMAT{mode} ({seeds(smat)})"]
     text = f"#### {title}\n\n" + evaluate.markdown_table([pre, pmf_mean, smat_mean], names, differences)
     rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
             "|---|---:|---:|---:|"]
@@ -238,10 +239,13 @@ def seed_level(a: dict[int, dict], b: dict[int, dict], key: str) -> tuple[float,
 
 
 def verdict(seed_ci: tuple[float, float] | None, sign: int) -> str:
-    """The paper's direction `sign` holds when the seed-level interval excludes 0 on that side."""
+    """The paper's direction `sign` holds when the seed-level interval excludes 0 on that side; a tie
+    (`sign` 0) holds when it includes 0."""
     if seed_ci is None:
         return "not testable here"
     mean, half = seed_ci
+    if sign == 0:
+        return "reproduced (a tie)" if abs(mean) <= half else "not reproduced (not a tie)"
     if sign * mean - half > 0:
         return "reproduced"
     return "opposite" if sign * mean + half < 0 else "not reproduced (interval includes 0)"
@@ -280,11 +284,13 @@ def teacher_lead(root: Path, prefix: str, last: int = 30) -> str:
 
 def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict], episodes: int) -> str:
     """The paper's four findings, each as its measured paired difference: the seed-level interval
-    (t over seeds; the method-level evidence) beside the episode-level one, and the verdict."""
+    (t over seeds; the method-level evidence) beside the episode-level one, and the verdict. Where the
+    polarity check ran, (a) and (b) on near OOD are repeated with the OOD images inverted."""
     pres = {s: pre for s in smat.keys() | pmf.keys()}
     smat_mean, pmf_mean = evaluate.average_runs(list(smat.values())), evaluate.average_runs(list(pmf.values()))
     rows = ["| finding (the paper's direction) | comparison | seed-level (t over seeds) | episode-level | verdict |",
             "|---|---|---:|---:|---|"]
+    inverted = {m: seeds_of(root, m, "polarity-inverted-*.json") for m in ("smat", "pmf")}
 
     def row(finding, label, a, b, a_mean, b_mean, key, sign):
         seed_ci = seed_level(a, b, key)
@@ -296,7 +302,15 @@ def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict],
         row("(a) SMAT > PMF on OOD", f"SMAT − PMF, {evaluate.AVERAGES[key]}", smat, pmf, smat_mean, pmf_mean, key, +1)
     for key in ("near_ood_avg", "far_ood_avg"):
         row("(b) meta-tuning improves OOD", f"SMAT − Pre, {evaluate.AVERAGES[key]}", smat, pres, smat_mean, pre, key, +1)
-        row("(b) ... and PMF ties Pre", f"PMF − Pre, {evaluate.AVERAGES[key]}", pmf, pres, pmf_mean, pre, key, +1)
+        row("(b) ... where PMF ties Pre", f"PMF − Pre, {evaluate.AVERAGES[key]}", pmf, pres, pmf_mean, pre, key, 0)
+    if inverted["smat"] and inverted["pmf"]:
+        flipped = {m: evaluate.average_runs(list(runs.values())) for m, runs in inverted.items()}
+        flipped_pre = next(iter(inverted["smat"].values()))["baselines"]["Pre"]
+        flipped_pres = {s: flipped_pre for s in inverted["smat"].keys() | inverted["pmf"].keys()}
+        row("(a) on inverted images", "SMAT − PMF, near OOD avg", inverted["smat"], inverted["pmf"],
+            flipped["smat"], flipped["pmf"], "near_ood_avg", +1)
+        row("(b) on inverted images", "SMAT − Pre, near OOD avg", inverted["smat"], flipped_pres, flipped["smat"],
+            flipped_pre, "near_ood_avg", +1)
     for (finding, prefix, key, sign) in (("(c) lower τ: more ID", "smat-s0.5", "id_avg", +1),
                                          ("(c) higher τ: more OOD", "smat-s0.5", "near_ood_avg", -1),
                                          ("(d) more experts help", "smat-m1", "id_avg", -1),

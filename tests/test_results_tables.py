@@ -142,3 +142,4 @@ def test_a_verdict_needs_the_seed_level_interval_to_exclude_zero_in_the_papers_d
     assert module.verdict((1.0, 1.5), +1).startswith("not reproduced")
     assert module.verdict((-1.0, 0.5), +1) == "opposite" and module.verdict((-1.0, 0.5), -1) == "reproduced"
     assert module.verdict(None, +1) == "not testable here"
+    assert module.verdict((0.3, 0.5), 0) == "reproduced (a tie)" and module.verdict((1.0, 0.5), 0).startswith("not")
