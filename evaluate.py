@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import data
 import readers
+import cli
 import rundir
 import smat
 from data import Episode, Source
@@ -357,7 +358,7 @@ def _rows(results: list[dict], differences: list[dict] = ()) -> list[list[str]]:
 def compare(results: list[dict], names: list[str], differences: dict[str, dict] | None = None,
             text: Callable[[str], str] = str) -> Table:
     """One rich table: a row per domain, a column per result (accuracy % ± 95% CI), then a column per
-    paired difference (points ± paired 95% CI). `text` maps every string (rundir.to_ascii for a
+    paired difference (points ± paired 95% CI). `text` maps every string (cli.to_ascii for a
     stream that cannot encode ±, so the table is laid out with what is printed)."""
     first, differences = results[0], differences or {}
     episodes = next(iter(first["domains"].values()))["episodes"]
@@ -391,7 +392,7 @@ def sparsity_line(results: dict) -> str:
 def print_table(results: list[dict], names: list[str], console: Console | None = None,
                 differences: dict[str, dict] | None = None) -> None:
     console = console or Console()
-    text = rundir.to_ascii if console.options.ascii_only else str  # PYTHONIOENCODING=ascii: +/- for ±
+    text = cli.to_ascii if console.options.ascii_only else str  # PYTHONIOENCODING=ascii: +/- for ±
     console.print(compare(results, names, differences, text))
     for name, result in zip(names, results):
         if "sparsity" in result:
@@ -802,10 +803,10 @@ def plot_sparsity_sweep(sweep: dict[float, dict], path: Path, references: dict[s
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-USER_ERRORS = rundir.USER_ERRORS + (EvaluateError, FinetuneError)  # bad input: one line and exit code 2
+USER_ERRORS = cli.USER_ERRORS + (EvaluateError, FinetuneError)  # bad input: one line and exit code 2
 
 
-@app.command(cls=rundir.OneLineCommand)
+@app.command(cls=cli.OneLineCommand)
 def main(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories made by train.py")],
     episodes: Annotated[Optional[int], typer.Option(
@@ -844,12 +845,12 @@ def main(
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 cost, device, out, {"test_protocol": "fixed", **fixed} if fixed else {})
     except USER_ERRORS as error:
-        rundir.fail(str(error))
+        cli.fail(str(error))
     except KeyboardInterrupt:
-        rundir.fail("interrupted (Ctrl-C); each results file is written whole or not at all: run evaluate.py "
+        cli.fail("interrupted (Ctrl-C); each results file is written whole or not at all: run evaluate.py "
                     "again for what is missing", code=130)
     except OSError as error:  # what no check foresaw: still one line naming the path
-        rundir.fail(rundir.os_error_line(error))
+        cli.fail(cli.os_error_line(error))
 
 
 def load_results(path: Path) -> dict:
@@ -953,6 +954,8 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
     for path in written:
         console.print(f"wrote {path}.json and .md")
+    for run_dir in run_dirs:  # last: a run refused anywhere above gets only its error line
+        rundir.note_filled_fields(run_dir)
     for name, result in zip(names, results):
         if "inference_cost" in result:
             c = result["inference_cost"]
@@ -1016,7 +1019,7 @@ class Stages:
         if self.task is None:
             return
         if finished and self.log is not None and self.bar.disable:
-            rundir.print_line(self.log, f"{self.prefix}{self.stage}: {self.done} episodes in "
+            cli.print_line(self.log, f"{self.prefix}{self.stage}: {self.done} episodes in "
                                         f"{time.perf_counter() - self.started:.0f} s")
         self.bar.remove_task(self.task)
         self.task = None
@@ -1029,4 +1032,4 @@ class Stages:
 
 
 if __name__ == "__main__":
-    rundir.run_cli(app)
+    cli.run_cli(app)

@@ -1,40 +1,35 @@
-"""Run directories and the command-line contract, shared by train.py and evaluate.py.
+"""Run directories: their files, written whole and read back checked, shared by train.py and evaluate.py.
 
-A run directory (made by train.py) holds config.json, data.json (the classes of every partition of
-every source, recorded when the run starts), checkpoint.pt (the last state, resumable), best.pt (the
-best model on validation), metrics.jsonl and, after testing, results.json / results.md. This module
-owns what both command lines promise:
+Plumbing. A run directory (made by train.py) holds config.json, data.json (the classes of every
+partition of every source, recorded when the run starts), checkpoint.pt (the last state, resumable),
+best.pt (the best model on validation), metrics.jsonl and, after testing, results.json / results.md.
+This module keeps what both command lines promise about them:
 
 - one process at a time: a run directory is claimed (`RunDirectory`) for a run's lifetime;
 - nothing half-written: every file is written to a temporary name and renamed (`atomic_save`);
 - nothing read back unchecked: keys, types, shapes and finiteness of config.json, data.json and the
-  checkpoints are checked before use (`read_config`, `read_checkpoint`, `check_classes`);
-- bad input is one line `error: ...` on stderr and exit code 2, never a traceback (`fail`), and a
-  closed or full stdout never costs finished work (`run_cli`).
+  checkpoints are checked before use (`read_config`, `read_checkpoint`, `check_classes`); runs
+  written before a Config field existed read its default (`config_from_dict`);
+- a problem is one RunError line; cli.py turns it into `error: ...` and exit code 2.
 
 It imports neither command line, so imports run one way:
-train.py -> evaluate.py -> rundir.py -> smat.py, data.py, backbone.py.
+train.py -> evaluate.py -> cli.py -> rundir.py -> smat.py, data.py, backbone.py.
 """
 
-import codecs
 import dataclasses
 import difflib
 import fcntl
-import io
 import json
 import math
 import os
 import re
-import sys
 import time
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import torch
 import typer
-import typer.core
 
 import backbone as backbones
 import data
@@ -57,12 +52,6 @@ class RunError(ValueError):
     """A run directory, checkpoint or flag that cannot be used; the message is one line."""
 
 
-class Interrupted(Exception):
-    """Ctrl-C during a run; the message says what was kept and how to go on (exit code 130)."""
-
-
-# The exceptions that mean "bad input" (a flag, a file, a folder): one line and exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (smat.ConfigError, data.DataError, backbones.BackboneError, RunError)
 
 
 def reason(error: BaseException) -> str:
@@ -441,8 +430,9 @@ def read_config(run_dir: Path) -> Config:
 
 
 def note_filled_fields(run_dir: Path) -> None:
-    """One note line on stderr naming the fields a run's config.json lacks and the defaults they read;
-    said once the run has passed every check (a refused run gets only its error line)."""
+    """One note line on stderr naming the fields a run's config.json lacks and the defaults they read.
+    The command lines say it once the run has passed every check (a refused run gets only its error
+    line): evaluate.py after its table, train.py --resume just before the run goes on."""
     path = Path(run_dir) / "config.json"
     values = read_json(path, "expected the config.json written by train.py")
     filled = filled_fields(values)
@@ -642,7 +632,6 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
                        f"it is not this run's checkpoint")
     model = build_model(cfg, state["backbone_spec"])
     model.load_state_dict(state["model"])  # checked by read_checkpoint: the keys, shapes and dtypes fit
-    note_filled_fields(run_dir)
     return model.to(device), cfg, state
 
 
@@ -694,7 +683,7 @@ def protocol(cfg: Config, stage: Literal["train", "test"]) -> data.Protocol:
     return data.Protocol(cfg.test_protocol, cfg.test_ways, cfg.test_shots, cfg.test_queries)
 
 
-# --- the command-line contract: one line and an exit code ------------------------------------------
+# --- messages ----------------------------------------------------------------------------------------
 
 
 def one_line(message: str) -> str:
@@ -702,128 +691,8 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr and an exit code: the contract for bad input (no traceback)."""
-    typer.echo(f"error: {one_line(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def os_error_line(error: OSError) -> str:
-    """An operating-system error no check foresaw, as one line naming the path and the reason."""
-    return f"cannot use {error.filename} ({reason(error)})" if error.filename else reason(error)
-
-
-# click's UsageError (a missing or malformed value), whether typer vendors click or uses it: the base
-# class of typer.BadParameter in both cases.
-USAGE_ERROR = typer.BadParameter.__bases__[0]
-
-
-class OneLineCommand(typer.core.TyperCommand):
-    """A Typer command whose usage errors (an unknown flag, a missing value, `--experts two`, a value
-    outside a flag's choices) are one line and exit code 2, like every other bad input, instead of
-    click's multi-line usage box: `@app.command(cls=OneLineCommand)`."""
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except USAGE_ERROR as error:
-            fail(error.format_message())
-
-
-# Characters the tables and the progress line use, for a stream that cannot encode them.
-ASCII = {"±": "+/-", "−": "-", "≥": ">=", "≤": "<=", "…": "...", "×": "x", "→": "->", "‖": "||", "∧": "&", "∨": "|"}
-
-
-def _ascii_char(char: str) -> str:
-    """± as +/-, é as e, a letter by its name (tau), a box line as - or |, else '?'."""
-    if char.isascii():
-        return char
-    name = unicodedata.name(char, "")
-    plain = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
-    return ASCII.get(char) or plain or ("-" if "HORIZONTAL" in name else "|" if "VERTICAL" in name else
-                                        name.split()[-1].lower() if " LETTER " in name else "?")
-
-
 def closest_field(key: str, names: list[str]) -> str:
     """ " (did you mean n_experts?)" for a key close to a field's name (`experts`, `inner-lr`), else ""."""
     spelled = key.replace("-", "_").lower()
     close = [n for n in names if n == spelled or n.endswith("_" + spelled)] or difflib.get_close_matches(spelled, names, 1)
     return f" (did you mean {close[0]}?)" if close else ""
-
-
-def print_line(console, line: str) -> None:
-    """One whole line on a rich Console, never wrapped or styled (a log file reads it as written);
-    ASCII where the stream cannot encode more (PYTHONIOENCODING=ascii: no λ, ±)."""
-    text = to_ascii if console.options.ascii_only else str
-    console.print(text(line), markup=False, highlight=False, soft_wrap=True, emoji=False)
-
-
-def to_ascii(text: str) -> str:
-    return "".join(map(_ascii_char, text))
-
-
-def _ascii_errors(error: UnicodeError):
-    """The codec error handler "smat-ascii": what the stream cannot encode, in ASCII (to_ascii)."""
-    if not isinstance(error, UnicodeEncodeError):
-        raise error
-    return to_ascii(error.object[error.start:error.end]), error.end
-
-
-codecs.register_error("smat-ascii", _ascii_errors)
-
-
-class OutputStream:
-    """sys.stdout and sys.stderr for the command lines (stderr carries evaluate.py's progress lines),
-    wrapped so that printing never costs finished work: once the reader has gone (`| head` closed the
-    pipe) or the device is full (`>/dev/full`), output is dropped (the stream now points at /dev/null,
-    so the interpreter's last flush succeeds too) and the command goes on to its exit code; a
-    character the stream cannot encode (PYTHONIOENCODING=ascii) is written in ASCII ("smat-ascii")."""
-
-    def __init__(self, stream) -> None:
-        self._stream, self.lost = stream, False
-        try:
-            stream.reconfigure(errors="smat-ascii")
-        except (AttributeError, ValueError, io.UnsupportedOperation):
-            pass
-
-    def write(self, text: str) -> int:
-        if not self.lost:
-            try:
-                self._stream.write(text)
-            except OSError:
-                self._lose()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.lost:
-            try:
-                self._stream.flush()
-            except OSError:
-                self._lose()
-
-    def _lose(self) -> None:
-        self.lost = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            pass
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-def run_cli(application: typer.Typer) -> None:
-    """Run a Typer app from the shell: its exit code (2 for bad input, through `fail` and
-    OneLineCommand; 130 on Ctrl-C), with stdout and stderr wrapped (OutputStream) so that a closed
-    pipe, a full disk or an ASCII-only terminal never turns finished work into a failure."""
-    sys.stdout = OutputStream(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
-    sys.stderr = OutputStream(sys.stderr if sys.stderr is not None else open(os.devnull, "w"))
-    try:
-        code = application(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C while click parses the flags
-        typer.echo("error: interrupted", err=True)
-        code = 130
-    sys.stdout.flush()
-    sys.exit(code if isinstance(code, int) else 0)

@@ -6,12 +6,13 @@ validates on ID validation classes (keeping the best model), and ends with the I
 the model beside the frozen backbone (Pre) on the same episodes, with their paired difference.
 `torchrun --nproc_per_node=N train.py ...` splits every meta-batch across N processes.
 
-Read top to bottom: the backbone, the learning-rate schedule, then `meta_train` (every flag and the
-data checked, then the run directory claimed) and `train_claimed`, the loop, whose `# --- method ---`
-lines are the algorithm (smat.meta_train_step per task, smat.meta_update per meta-batch) and whose
-`# --- plumbing ---` lines call the helpers below it (processes, data, the run's state, checkpoints,
-metrics); last the command line. The method itself lives in smat.py; this file owns devices,
-processes, files and time. Run directories are claimed, read and written by rundir.py.
+Read top to bottom: `meta_train` (every check that needs only the flags, the data and the backbone,
+then the run directory claimed) and `train_claimed`, the loop, whose `# --- method ---` lines are the
+algorithm (smat.meta_train_step per task, smat.meta_update per meta-batch) and whose
+`# --- plumbing ---` lines call the helpers below it (the backbone, the schedule, processes, data, the
+run's state, checkpoints); last the command line. The method itself lives in smat.py; this file owns
+devices, processes, files and time. Progress and metrics.jsonl: monitor.py; run directories:
+rundir.py; the one-line error contract: cli.py.
 """
 
 import dataclasses
@@ -19,7 +20,6 @@ import inspect
 import json
 import math
 import os
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +31,110 @@ import torch.distributed as dist
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import backbone as backbones
 import data
 import evaluate
 import readers
+import cli
 import rundir
 import smat
-from rundir import (CHECKPOINT_FORMAT, RunError, atomic_save, atomic_write_text, build_model, config_from_dict,
-                    fail, load_run, pick_device, protocol, read_checkpoint, read_config)
+from cli import fail
+from rundir import (CHECKPOINT_FORMAT, RunError, atomic_save, build_model, config_from_dict, load_run, pick_device,
+                    protocol, read_checkpoint, read_config)
+from monitor import Monitor, summary_writer
 from smat import SMAT, Config, NonFiniteLoss
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def meta_train(
+    cfg: Config,
+    out_dir: Path | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    evaluate_at_end: bool = True,
+    stop_after: int | None = None,
+    cache_dir: Path | None = None,
+    console: Console | None = None,
+    workers: int | None = None,
+    compile_model: bool = False,
+    tensorboard: bool = False,
+) -> Path:
+    """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
+    See the module docstring. Every flag and the data are checked before anything is written; the
+    run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory).
+    `workers` data processes make the episodes (None: `default_workers()`; 0: this process);
+    `compile_model` compiles the backbone's forward (`compile_backbone`). Neither changes the episodes.
+    `tensorboard` also writes metrics.jsonl's records as TensorBoard scalars into RUN/tensorboard/."""
+    console = console or Console(stderr=False)
+    if tensorboard:
+        summary_writer()  # the extra is installed: checked before anything is written
+    procs = processes(device, cfg)
+    check_stop_after(cfg, stop_after)
+    resolve_precision(cfg.precision, procs.device)
+    sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
+    vit = None if resume else checked_backbone(cfg, procs)  # a resumed run reads its model from its checkpoint
+    claim, out_dir = claim_run_directory(cfg, out_dir, resume, procs)
+    try:
+        with claim or nullcontext():
+            return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console,
+                                 workers, compile_model, tensorboard, vit)
+    except KeyboardInterrupt:
+        raise cli.Interrupted(interrupted(out_dir, claim, resume)) from None
+
+
+def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
+                  resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console,
+                  workers: int | None = None, compile_model: bool = False, tensorboard: bool = False,
+                  vit: backbones.VisionTransformer | None = None) -> Path:
+    """The run in its claimed directory: resume or start, the loop, the final evaluation."""
+    state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
+    procs = init_distributed(procs)
+    precision = resolve_precision(cfg.precision, procs.device)
+    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision, vit)
+    if compile_model:
+        compile_backbone(run.model)
+    id_sources = [s for s in sources if s.split == "id"]
+    workers = default_workers() if workers is None else workers
+    mine = len(range(procs.rank, cfg.meta_batch, procs.world))  # this process's tasks per meta-batch
+    stream = data.training_stream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
+                                  start=run.episodes_done + procs.rank, stride=procs.world,
+                                  count=(run.last_step - run.step) * mine, workers=workers,
+                                  pin_memory=procs.device.type == "cuda")
+    setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
+    with stream as episodes, Monitor(run, procs.main, console, setting, tensorboard) as monitor:
+        while run.step < run.last_step:
+            # --- method: a meta-batch of tasks, then one meta-update [M3.10-3.11] ---
+            outputs = []
+            for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
+                episode, task = next(episodes).to(procs.device), run.episodes_done + index
+                run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
+                with autocast(precision, procs.device):
+                    out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
+                                               episode.query_images, episode.query_labels, episode.n_way,
+                                               episode_generator(cfg.seed, task, procs.device))
+                loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                outputs.append(out)
+            with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
+                batch = smat.meta_update(run.model, run.optimizer, outputs,
+                                         lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
+            run.step += 1
+            run.model.tasks_seen.fill_(run.episodes_done)
+            # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
+            if procs.main and monitor.log_due():
+                monitor.log(batch, lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction))
+            if procs.main and run.validation_due():
+                monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
+            if procs.main and run.checkpoint_due():
+                save_checkpoint(run)
+            if procs.world > 1:
+                dist.barrier()
+    if procs.main and run.step == run.total_steps and evaluate_at_end:
+        final_evaluation(out_dir, sources, procs.device, console)
+    return out_dir
 
 
 # --- backbone: a pretrained stand-in for DINO, or DINO itself --------------------------------------
@@ -160,102 +253,6 @@ def check_protocols(sources: list, cfg: Config) -> None:
                 raise data.DataError(f"domain {source.name}, {partition} classes: {error}") from None
 
 
-def router_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Entropy of the merging weights, mean over tasks: log M = uniform mixing, 0 = one expert."""
-    return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
-
-
-# --- the loop ---------------------------------------------------------------------------------------
-
-
-def meta_train(
-    cfg: Config,
-    out_dir: Path | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    evaluate_at_end: bool = True,
-    stop_after: int | None = None,
-    cache_dir: Path | None = None,
-    console: Console | None = None,
-    workers: int | None = None,
-    compile_model: bool = False,
-    tensorboard: bool = False,
-) -> Path:
-    """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
-    See the module docstring. Every flag and the data are checked before anything is written; the
-    run directory is then claimed for the run's lifetime, one process at a time (rundir.RunDirectory).
-    `workers` data processes make the episodes (None: `default_workers()`; 0: this process);
-    `compile_model` compiles the backbone's forward (`compile_backbone`). Neither changes the episodes.
-    `tensorboard` also writes metrics.jsonl's records as TensorBoard scalars into RUN/tensorboard/."""
-    console = console or Console(stderr=False)
-    if tensorboard:
-        summary_writer()  # the extra is installed: checked before anything is written
-    procs = processes(device, cfg)
-    check_stop_after(cfg, stop_after)
-    resolve_precision(cfg.precision, procs.device)
-    sources = load_sources(cfg, Path(cache_dir) if cache_dir else data.default_cache_dir())
-    vit = None if resume else checked_backbone(cfg, procs)  # a resumed run reads its model from its checkpoint
-    claim, out_dir = claim_run_directory(cfg, out_dir, resume, procs)
-    try:
-        with claim or nullcontext():
-            return train_claimed(cfg, out_dir, claim, sources, procs, resume, evaluate_at_end, stop_after, console,
-                                 workers, compile_model, tensorboard, vit)
-    except KeyboardInterrupt:
-        raise rundir.Interrupted(interrupted(out_dir, claim, resume)) from None
-
-
-def train_claimed(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sources: list, procs: "Processes",
-                  resume: bool, evaluate_at_end: bool, stop_after: int | None, console: Console,
-                  workers: int | None = None, compile_model: bool = False, tensorboard: bool = False,
-                  vit: backbones.VisionTransformer | None = None) -> Path:
-    """The run in its claimed directory: resume or start, the loop, the final evaluation."""
-    state = previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
-    procs = init_distributed(procs)
-    precision = resolve_precision(cfg.precision, procs.device)
-    run = start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision, vit)
-    if compile_model:
-        compile_backbone(run.model)
-    id_sources = [s for s in sources if s.split == "id"]
-    workers = default_workers() if workers is None else workers
-    mine = len(range(procs.rank, cfg.meta_batch, procs.world))  # this process's tasks per meta-batch
-    stream = data.training_stream(id_sources, protocol(cfg, "train"), cfg.seed, cfg.image_size,
-                                  start=run.episodes_done + procs.rank, stride=procs.world,
-                                  count=(run.last_step - run.step) * mine, workers=workers,
-                                  pin_memory=procs.device.type == "cuda")
-    setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
-    with stream as episodes, Monitor(run, procs.main, console, setting, tensorboard) as monitor:
-        while run.step < run.last_step:
-            # --- method: a meta-batch of tasks, then one meta-update [M3.10-3.11] ---
-            outputs = []
-            for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
-                episode, task = next(episodes).to(procs.device), run.episodes_done + index
-                run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
-                with autocast(precision, procs.device):
-                    out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
-                                               episode.query_images, episode.query_labels, episode.n_way,
-                                               episode_generator(cfg.seed, task, procs.device))
-                loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
-                outputs.append(out)
-            with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
-                batch = smat.meta_update(run.model, run.optimizer, outputs,
-                                         lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
-            run.step += 1
-            run.model.tasks_seen.fill_(run.episodes_done)
-            # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
-            if procs.main and monitor.log_due():
-                monitor.log(batch)
-            if procs.main and run.validation_due():
-                monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
-            if procs.main and run.checkpoint_due():
-                save_checkpoint(run)
-            if procs.world > 1:
-                dist.barrier()
-    if procs.main and run.step == run.total_steps and evaluate_at_end:
-        final_evaluation(out_dir, sources, procs.device, console)
-    return out_dir
-
-
 # --- plumbing of the loop: processes, data, the run's state, files --------------------------------
 
 
@@ -359,7 +356,6 @@ def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop
     if done == cfg.episodes and not evaluate_at_end:
         raise RunError(f"{out_dir} has trained all its {done} episodes, nothing is left to resume; pass a larger "
                        f"--episodes to train further, or test it with evaluate.py")
-    rundir.note_filled_fields(out_dir)
     return state
 
 
@@ -475,6 +471,8 @@ def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sta
                                f"({rundir.reason(error)})") from None
         run.step, run.best_val, run.best_episode = state["step"], state["best_val"], state["best_episode"]
     if procs.main:
+        if state is not None:  # every check passed: say which fields an older run's config.json lacked
+            rundir.note_filled_fields(out_dir)
         files = {"config.json": json.dumps(rundir.config_record(cfg), indent=2) + "\n"}
         if state is None and not (out_dir / "data.json").exists():
             files = {"data.json": rundir.manifest_text(sources)} | files  # config.json last: it marks a run
@@ -499,135 +497,6 @@ def validate_and_keep_best(run: Run, id_sources: list, device, progress: evaluat
         run.best_val, run.best_episode = val, run.episodes_done
         atomic_save(run.snapshot(), run.out_dir / "best.pt")
     return val
-
-
-class Monitor:
-    """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
-    When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
-    plain line per log step and per validation instead (`plain_line`). With `tensorboard`, every
-    record also goes to RUN/tensorboard/ as scalars (`tensorboard_scalars`)."""
-
-    COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
-               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-    def __init__(self, run: Run, main: bool, console: Console, setting: dict, tensorboard: bool = False) -> None:
-        self.run, self.file, self.main, self.setting = run, run.out_dir / "metrics.jsonl", main, setting
-        self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
-        self.started, self.start_episode = time.perf_counter(), run.episodes_done
-        self.console, self.plain = console, main and not console.is_terminal
-        self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
-        self.stages = evaluate.Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
-        self.board = summary_writer()(str(run.out_dir / "tensorboard")) if tensorboard and main else None
-
-    def __enter__(self) -> "Monitor":
-        self.bar.__enter__()
-        cfg = self.run.cfg
-        if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
-            self._append({"episode": self.run.episodes_done, "start": self.setting})
-        self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
-                                      completed=self.run.episodes_done, stats="")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
-        if self.board is not None:
-            self.board.close()
-
-    def log_due(self) -> bool:
-        return self.run.step % self.every == 0 or self.run.step == self.run.last_step
-
-    def log(self, batch: smat.MetaBatch) -> None:
-        run = self.run
-        rate = (run.episodes_done - self.start_episode) / (time.perf_counter() - self.started)
-        record = log_record(run, batch, rate)
-        self._append(record)
-        self.bar.update(self.task, completed=run.episodes_done, stats=short_stats(record))
-        if self.plain:
-            self._print(plain_line(run, record))
-
-    def validated(self, val: float) -> None:
-        self.stages.close()
-        self._append({"episode": self.run.episodes_done, "val_accuracy": val})
-        self.bar.update(self.task, description=f"{self.run.cfg.method} (val {val:.1f}%)")
-        if self.plain:
-            total = self.run.total_steps * self.run.cfg.meta_batch
-            self._print(f"{self.run.cfg.method} episode {self.run.episodes_done}/{total} validation accuracy {val:.2f}%")
-
-    def _print(self, line: str) -> None:
-        rundir.print_line(self.console, line)
-
-    def _append(self, record: dict) -> None:
-        with open(self.file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for tag, value in tensorboard_scalars(record).items():
-                self.board.add_scalar(tag, value, global_step=record["episode"])
-            self.board.flush()  # a crash or Ctrl-C keeps what the curves showed
-
-
-def tensorboard_scalars(record: dict) -> dict[str, float]:
-    """A metrics.jsonl record as TensorBoard tags: every number under its own name, a per-expert list
-    as NAME/expert_M; `step`, `episode` (the x-axis) and a session's "start" record are not curves."""
-    scalars = {}
-    for key, value in record.items():
-        if key in ("step", "episode", "start"):
-            continue
-        if isinstance(value, list):
-            scalars |= {f"{key}/expert_{m}": float(v) for m, v in enumerate(value)}
-        elif isinstance(value, (int, float)):
-            scalars[key] = float(value)
-    return scalars
-
-
-def summary_writer() -> type:
-    """torch's SummaryWriter, which needs the optional tensorboard package (one RunError line without it)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RunError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
-                       "or drop --tensorboard (evaluate.py --curves draws metrics.jsonl without it)") from None
-    return SummaryWriter
-
-
-def log_record(run: Run, batch: smat.MetaBatch, rate: float) -> dict:
-    """One line of metrics.jsonl (docs/metrics.md says what each field means and healthy values)."""
-    cfg, model, sparsity = run.cfg, run.model, batch.sparsity
-    record = {"step": run.step, "episode": run.episodes_done,
-              "lr_scale": lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction)}
-    record |= {k: round(v.item(), 5) for k, v in batch.stats.items()}
-    if cfg.has_masks:
-        record |= {
-            "sparsity": [round(s, 4) for s in sparsity.tolist()],
-            "sparsity_mean": round(sparsity.mean().item(), 4), "sparsity_std": round(sparsity.std(correction=0).item(), 4),
-            "multiplier_mean": round(model.multipliers.mean().item(), 5),
-            "router_entropy": round(router_entropy(batch.weights).item(), 4),
-            "router_temperature": round(smat.router_temperature(cfg, model.tasks_seen).item(), 4),
-            "expected_density_mean": round(smat.expected_density(model.log_alpha.detach()).mean().item(), 4),
-        }
-    record["episodes_per_second"] = round(rate, 2)
-    if model.delta.is_cuda:  # the most this process has held at once, this session
-        record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.delta.device) / 2**30, 3)
-    return record
-
-
-def plain_line(run: Run, record: dict) -> str:
-    """One log step as a plain line: "smat episode 120/800 (15%) ETA 0:01:30 loss 1.2 ce 1.1 acc ..."."""
-    total, rate = run.total_steps * run.cfg.meta_batch, record["episodes_per_second"]
-    text = f"{run.cfg.method} episode {record['episode']}/{total} ({100 * record['episode'] / max(total, 1):.0f}%)"
-    if rate > 0:
-        left = round((total - record["episode"]) / rate)
-        text += f" ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-    return text + f" loss {record['loss']:.4f} ce {record['ce']:.4f} " + short_stats(record)
-
-
-def short_stats(r: dict) -> str:
-    text = f"acc {r['accuracy']:.2f}"
-    if "teacher_accuracy" in r:
-        text += f" teacher {r['teacher_accuracy']:.2f}"
-    if "sparsity_mean" in r:
-        text += (f" sparsity {r['sparsity_mean']:.2f}±{r['sparsity_std']:.2f} λ {r['multiplier_mean']:.3f}"
-                 f" H(w) {r['router_entropy']:.2f}")
-    return text + f" {r['episodes_per_second']:.1f} ep/s"
 
 
 def validate(model: SMAT, id_sources: list, cfg: Config, device, progress: evaluate.Announce | None = None) -> float:
@@ -702,7 +571,7 @@ def profile_defaults(field: str) -> str:
     return text
 
 
-@app.command(cls=rundir.OneLineCommand)
+@app.command(cls=cli.OneLineCommand)
 @config_flags
 def main(
     sparsity: Annotated[Optional[float], option(help="target fraction of zeros per expert, τ in [0, 1)")] = None,
@@ -748,16 +617,16 @@ def main(
             jaxtyping.config.update("jaxtyping_disable", True)
         meta_train(cfg, resume or out, device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
                    stop_after=stop_after, workers=workers, compile_model=compile_model, tensorboard=tensorboard)
-    except rundir.USER_ERRORS as error:
+    except cli.USER_ERRORS as error:
         fail(str(error))
     except NonFiniteLoss as error:
         fail(str(error), code=1)
-    except rundir.Interrupted as error:
+    except cli.Interrupted as error:
         fail(str(error), code=130)
     except KeyboardInterrupt:
         fail("interrupted (Ctrl-C) before the run started; nothing was written", code=130)
     except OSError as error:  # what no check foresaw: still one line naming the path
-        fail(rundir.os_error_line(error))
+        fail(cli.os_error_line(error))
 
 
 def check_flags(resume: Path | None, out: Path | None, profile: str | None) -> None:
@@ -826,4 +695,4 @@ def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path 
 
 
 if __name__ == "__main__":
-    rundir.run_cli(app)
+    cli.run_cli(app)

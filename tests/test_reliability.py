@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 
 import backbone as backbones
 import benchmark
+import cli
 import evaluate
 import readers
 import rundir
@@ -816,7 +817,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_episode_0_to_the
 @pytest.mark.parametrize("stream", ["closed pipe", "full device", "ascii only"])
 def test_a_closed_or_full_output_or_an_ascii_terminal_never_costs_the_evaluation(assets, tmp_path, monkeypatch,
                                                                                   stream):
-    """evaluate.py as the shell runs it (rundir.run_cli), its stdout and stderr `2>&1 | head` that has
+    """evaluate.py as the shell runs it (cli.run_cli), its stdout and stderr `2>&1 | head` that has
     stopped reading, `>/dev/full` or an ASCII-only stream (PYTHONIOENCODING=ascii): exit code 0 and the
     results written."""
     run, buffer = copy_run(assets, tmp_path / "run"), io.BytesIO()
@@ -831,7 +832,7 @@ def test_a_closed_or_full_output_or_an_ascii_terminal_never_costs_the_evaluation
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run), "--episodes", "2", "--device", "cpu"])
 
     with pytest.raises(SystemExit) as exit:
-        rundir.run_cli(evaluate.app)
+        cli.run_cli(evaluate.app)
 
     assert exit.value.code == 0
     (written,) = run.glob("results-*.json")

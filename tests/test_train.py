@@ -19,6 +19,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
+import evaluate
+import monitor
 import rundir
 import train
 from smat import Config
@@ -220,7 +222,7 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl_at_its_episode(assets, t
     board = EventAccumulator(str(run / "tensorboard"))
     board.Reload()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    expected = {(tag, r["episode"]): value for r in records for tag, value in train.tensorboard_scalars(r).items()}
+    expected = {(tag, r["episode"]): value for r in records for tag, value in monitor.tensorboard_scalars(r).items()}
     written = {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
     assert written.keys() == expected.keys()
     assert all(written[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
@@ -230,9 +232,9 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl_at_its_episode(assets, t
 def test_tensorboard_scalars_name_each_expert_and_skip_the_axis_and_session_records():
     record = {"step": 3, "episode": 12, "loss": 1.5, "sparsity": [0.5, 0.75], "episodes_per_second": 2}
 
-    assert train.tensorboard_scalars(record) == {"loss": 1.5, "sparsity/expert_0": 0.5,
+    assert monitor.tensorboard_scalars(record) == {"loss": 1.5, "sparsity/expert_0": 0.5,
                                                  "sparsity/expert_1": 0.75, "episodes_per_second": 2.0}
-    assert train.tensorboard_scalars({"episode": 0, "start": {"device": "cpu"}}) == {}
+    assert monitor.tensorboard_scalars({"episode": 0, "start": {"device": "cpu"}}) == {}
 
 
 def test_tensorboard_without_its_package_is_one_line_and_nothing_is_written(assets, tmp_path, monkeypatch):
@@ -487,3 +489,16 @@ def test_router_top_k_from_the_command_line_reaches_the_run_and_names_it(assets,
 
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["router_top_k"] == 2
+
+
+def test_evaluate_reads_a_run_written_before_a_field_was_added_and_notes_it_once_after_its_table(assets, tmp_path):
+    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", evaluate_at_end=False,
+                           cache_dir=tmp_path / "cache")
+    written_before(run, "router_logit_penalty")
+
+    result = CliRunner().invoke(evaluate.app, [str(run), "--episodes", "2", "--no-baselines", "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "router_logit_penalty = 0.0001" in notes[0]
+    assert len(list(run.glob("results-*.json"))) == 1

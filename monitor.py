@@ -1,0 +1,154 @@
+"""Progress and metrics of a training run: the bar, metrics.jsonl, the plain log lines, TensorBoard.
+
+Plumbing: nothing here changes what is trained. train.py's loop calls `Monitor.log` after a meta-update
+and `Monitor.validated` after a validation; docs/metrics.md says what every field of metrics.jsonl
+means and what a healthy value looks like. `run` is train.Run (the model, the config, where the run
+stands).
+"""
+
+import json
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import cli
+import evaluate
+import smat
+from rundir import RunError
+
+
+class Monitor:
+    """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
+    When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
+    plain line per log step and per validation instead (`plain_line`). With `tensorboard`, every
+    record also goes to RUN/tensorboard/ as scalars (`tensorboard_scalars`)."""
+
+    COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+    def __init__(self, run, main: bool, console: Console, setting: dict, tensorboard: bool = False) -> None:
+        self.run, self.file, self.main, self.setting = run, run.out_dir / "metrics.jsonl", main, setting
+        self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
+        self.started, self.start_episode = time.perf_counter(), run.episodes_done
+        self.console, self.plain = console, main and not console.is_terminal
+        self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
+        self.stages = evaluate.Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
+        self.board = summary_writer()(str(run.out_dir / "tensorboard")) if tensorboard and main else None
+
+    def __enter__(self) -> "Monitor":
+        self.bar.__enter__()
+        cfg = self.run.cfg
+        if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
+            self._append({"episode": self.run.episodes_done, "start": self.setting})
+        self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
+                                      completed=self.run.episodes_done, stats="")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+        if self.board is not None:
+            self.board.close()
+
+    def log_due(self) -> bool:
+        return self.run.step % self.every == 0 or self.run.step == self.run.last_step
+
+    def log(self, batch: smat.MetaBatch, lr: float) -> None:
+        """A metrics line for the meta-batch just done; `lr`: the schedule's factor it used."""
+        run = self.run
+        rate = (run.episodes_done - self.start_episode) / (time.perf_counter() - self.started)
+        record = log_record(run, batch, rate, lr)
+        self._append(record)
+        self.bar.update(self.task, completed=run.episodes_done, stats=short_stats(record))
+        if self.plain:
+            self._print(plain_line(run, record))
+
+    def validated(self, val: float) -> None:
+        self.stages.close()
+        self._append({"episode": self.run.episodes_done, "val_accuracy": val})
+        self.bar.update(self.task, description=f"{self.run.cfg.method} (val {val:.1f}%)")
+        if self.plain:
+            total = self.run.total_steps * self.run.cfg.meta_batch
+            self._print(f"{self.run.cfg.method} episode {self.run.episodes_done}/{total} validation accuracy {val:.2f}%")
+
+    def _print(self, line: str) -> None:
+        cli.print_line(self.console, line)
+
+    def _append(self, record: dict) -> None:
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self.board.add_scalar(tag, value, global_step=record["episode"])
+            self.board.flush()  # a crash or Ctrl-C keeps what the curves showed
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as TensorBoard tags: every number under its own name, a per-expert list
+    as NAME/expert_M; `step`, `episode` (the x-axis) and a session's "start" record are not curves."""
+    scalars = {}
+    for key, value in record.items():
+        if key in ("step", "episode", "start"):
+            continue
+        if isinstance(value, list):
+            scalars |= {f"{key}/expert_{m}": float(v) for m, v in enumerate(value)}
+        elif isinstance(value, (int, float)):
+            scalars[key] = float(value)
+    return scalars
+
+
+def summary_writer() -> type:
+    """torch's SummaryWriter, which needs the optional tensorboard package (one RunError line without it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
+                       "or drop --tensorboard (evaluate.py --curves draws metrics.jsonl without it)") from None
+    return SummaryWriter
+
+
+def log_record(run, batch: smat.MetaBatch, rate: float, lr: float) -> dict:
+    """One line of metrics.jsonl (docs/metrics.md says what each field means and healthy values)."""
+    cfg, model, sparsity = run.cfg, run.model, batch.sparsity
+    record = {"step": run.step, "episode": run.episodes_done,
+              "lr_scale": lr}
+    record |= {k: round(v.item(), 5) for k, v in batch.stats.items()}
+    if cfg.has_masks:
+        record |= {
+            "sparsity": [round(s, 4) for s in sparsity.tolist()],
+            "sparsity_mean": round(sparsity.mean().item(), 4), "sparsity_std": round(sparsity.std(correction=0).item(), 4),
+            "multiplier_mean": round(model.multipliers.mean().item(), 5),
+            "router_entropy": round(router_entropy(batch.weights).item(), 4),
+            "router_temperature": round(smat.router_temperature(cfg, model.tasks_seen).item(), 4),
+            "expected_density_mean": round(smat.expected_density(model.log_alpha.detach()).mean().item(), 4),
+        }
+    record["episodes_per_second"] = round(rate, 2)
+    if model.delta.is_cuda:  # the most this process has held at once, this session
+        record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.delta.device) / 2**30, 3)
+    return record
+
+
+def plain_line(run, record: dict) -> str:
+    """One log step as a plain line: "smat episode 120/800 (15%) ETA 0:01:30 loss 1.2 ce 1.1 acc ..."."""
+    total, rate = run.total_steps * run.cfg.meta_batch, record["episodes_per_second"]
+    text = f"{run.cfg.method} episode {record['episode']}/{total} ({100 * record['episode'] / max(total, 1):.0f}%)"
+    if rate > 0:
+        left = round((total - record["episode"]) / rate)
+        text += f" ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return text + f" loss {record['loss']:.4f} ce {record['ce']:.4f} " + short_stats(record)
+
+
+def short_stats(r: dict) -> str:
+    text = f"acc {r['accuracy']:.2f}"
+    if "teacher_accuracy" in r:
+        text += f" teacher {r['teacher_accuracy']:.2f}"
+    if "sparsity_mean" in r:
+        text += (f" sparsity {r['sparsity_mean']:.2f}±{r['sparsity_std']:.2f} λ {r['multiplier_mean']:.3f}"
+                 f" H(w) {r['router_entropy']:.2f}")
+    return text + f" {r['episodes_per_second']:.1f} ep/s"
+
+
+def router_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of the merging weights, mean over tasks: log M = uniform mixing, 0 = one expert."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
