@@ -25,3 +25,9 @@ def test_every_quote_in_the_guides_matches_its_source():
         assert blocks, f"{guide.name} quotes no code"
         stale = [(name, code.splitlines()[0]) for name, code in blocks if code not in (ROOT / name).read_text()]
         assert stale == [], f"{guide.name}: these quotes no longer match their source: {stale}"
+
+
+def test_the_readmes_file_table_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+
+    assert [p.name for p in sorted(ROOT.glob("*.py")) if f"`{p.name}`" not in readme] == []
