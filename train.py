@@ -229,7 +229,7 @@ def default_workers() -> int:
 def compile_backbone(model: SMAT, backend: str = "inductor") -> None:
     """`--compile`: torch.compile the backbone's forward, which every f_θ(x) of the step runs through
     (smat.SMAT.features). The rest of the step (autograd.grad for the inner step and the teacher, the
-    fused merge) stays eager. Episodes vary in size, so shapes are compiled as dynamic from the
+    merge of the experts) stays eager. Episodes vary in size, so shapes are compiled as dynamic from the
     start: one graph with gradients and one without (the frozen pass, the teacher's last pass,
     evaluation). Shape checks must be off (`--compile` turns them off): dynamo cannot trace
     jaxtyping's checks. The step takes gradients through the backbone with retain_graph=True (the
