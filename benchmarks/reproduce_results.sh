@@ -21,7 +21,7 @@
 # 6. expert sweep: SMAT with M in EXPERTS (M = 8 is the main runs), SWEEP_SEEDS, τ = 0.9.
 #    4-6 share one queue, most informative first (--no-teacher, τ 0.5, M 1, τ 0, --no-kl-to-pretrained,
 #    τ 0.95, M 16, then the rest), all sweep seeds of one setting before the next.
-# 7. (FINETUNE=1) full fine-tuning [SMAT §5.2] of PMF, SMAT and Pre of each seed of 1 on the first
+# 7. (FINETUNE=1) full fine-tuning [M5.2] of PMF, SMAT and Pre of each seed of 1 on the first
 #    FINETUNE_EPISODES test episodes per domain, lr chosen per domain on validation episodes, into
 #    $OUT/finetune/<run>/: about 25 minutes a seed on 2 cores.
 # Every test episode is shared by every run (episode seed 0; shorter tests are prefixes), so every
