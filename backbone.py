@@ -335,6 +335,32 @@ def load_shipped(name: str) -> VisionTransformer:
     return load_backbone(path)[0]
 
 
+def resolve_backbone(spec: str) -> VisionTransformer:
+    """The frozen θ_pre, from `--backbone`:
+
+    - "tiny": the committed stand-in for DINO (weights/tiny.pt), pretrained once on a procedural
+      corpus disjoint from every benchmark domain (standin.py, docs/benchmark.md);
+    - "vit_small_patch16" / "vit_base_patch16": the official DINO weights (download), or
+      "vit_small_patch16:PATH" for a local copy of them;
+    - a path to a file written by save_backbone.
+    """
+    name, _, weights = spec.partition(":")
+    if name in PRESETS and name.startswith("vit_"):
+        model = build_backbone(name)
+        load_dino_weights(model, weights or "dino")
+        return model
+    if name in SHIPPED_WEIGHTS and not weights:
+        return load_shipped(name)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return load_backbone(path)[0]
+    if name in PRESETS:  # never ignore a part of the flag
+        raise BackboneError(f"backbone {spec!r}: {name} takes no :WEIGHTS part (its weights are "
+                            f"shipped); use {name}, or the path of a backbone file")
+    raise BackboneError(f"unknown backbone {spec!r}; use tiny, vit_small_patch16[:WEIGHTS], "
+                        f"vit_base_patch16[:WEIGHTS] or a backbone file")
+
+
 # --- § 4 Supervised pretraining of the tiny stand-in for DINO ---
 
 

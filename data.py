@@ -105,6 +105,13 @@ class Protocol:
     queries: int = 15
 
 
+def protocol(cfg, stage: Literal["train", "test"]) -> Protocol:
+    """The episode shape a smat.Config asks for in meta-training ("train") or in validation and testing ("test")."""
+    if stage == "train":
+        return Protocol(cfg.train_protocol, cfg.train_ways, cfg.train_shots, cfg.train_queries)
+    return Protocol(cfg.test_protocol, cfg.test_ways, cfg.test_shots, cfg.test_queries)
+
+
 @dataclass(frozen=True)
 class EpisodePlan:
     """Which classes (indices into the partition's class list), shots per class, queries per class."""

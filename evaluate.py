@@ -36,6 +36,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import data
+import devices
 import readers
 import cli
 import rundir
@@ -107,7 +108,7 @@ def evaluate_model(
     elif finetune != "none":
         lrs, search = select_finetune_lr(model, sources, cfg, finetune, seed=seed, baseline=baseline,
                                          device=device, steps=finetune_steps, progress=progress)
-    started, domains, protocol = time.perf_counter(), {}, rundir.protocol(cfg, "test")
+    started, domains, protocol = time.perf_counter(), {}, data.protocol(cfg, "test")
     # the test gates do not depend on the task: computed once, not once per episode
     gates = tested_gates(model, baseline)
     density = 0.0
@@ -251,7 +252,7 @@ def select_finetune_lr(model: SMAT, sources: list[Source], cfg: Config, finetune
     A domain without validation classes takes the lr that is best on all validation episodes pooled.
     Returns ({domain: lr}, the search table for results.json). `progress` as in evaluate_model.
     """
-    table, protocol = {}, rundir.protocol(cfg, "test")
+    table, protocol = {}, data.protocol(cfg, "test")
     for source in sources:
         if not source.class_sizes("val"):
             continue
@@ -916,7 +917,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     stdout (printing comes last) never costs the results. Directories written into are claimed
     (rundir.RunDirectory): a run that train.py is still writing is refused."""
     check_flags(run_dirs, episodes, seed, finetune, finetune_lr, plots, sweep_plot, out)
-    dev, runs, sources_for = rundir.pick_device(device), [], {}
+    dev, runs, sources_for = devices.pick_device(device), [], {}
     for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
         model, cfg, _ = rundir.load_run(run_dir, "cpu")
         # Every run on the first run's protocol, so all of them see the same episodes.
@@ -981,7 +982,7 @@ def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: Finetun
                     result = evaluate_model(model, sources, cfg, baseline=baseline, **kwargs, progress=stages)
                 pre, results = (result, results) if baseline == "pretrained" else (pre, results + [result])
             if cost:
-                first = next(data.evaluation_episodes(sources[0], "test", rundir.protocol(cfg, "test"), 1, seed,
+                first = next(data.evaluation_episodes(sources[0], "test", data.protocol(cfg, "test"), 1, seed,
                                                 cfg.image_size))
                 results[-1]["inference_cost"] = inference_cost(model, first)
             model.cpu()

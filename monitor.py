@@ -2,7 +2,7 @@
 
 Plumbing: nothing here changes what is trained. train.py's loop calls `Monitor.log` after a meta-update
 and `Monitor.validated` after a validation; docs/metrics.md says what every field of metrics.jsonl
-means and what a healthy value looks like. `run` is train.Run (the model, the config, where the run
+means and what a healthy value looks like. `run` is runstate.Run (the model, the config, where the run
 stands).
 """
 

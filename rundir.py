@@ -635,54 +635,6 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
     return model.to(device), cfg, state
 
 
-# --- what a run's flags mean ------------------------------------------------------------------------
-
-
-def pick_device(device: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N of a GPU that exists; anything else is one RunError line."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if not match:
-        raise RunError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise RunError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
-    count = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= count:
-        raise RunError(f"device {device!r} does not exist; this machine has cuda:0 to cuda:{count - 1}")
-    return torch.device(device)
-
-
-def check_memory(cfg: Config, n_params: int, device: torch.device) -> None:
-    """Refuse an expert pool that cannot fit: its masks log α, their gradient and one sampled set of
-    gates take 3 · n_experts · n_params floats, checked against the memory free on `device`."""
-    if not cfg.has_masks:
-        return
-    needed = 3 * 4 * cfg.n_experts * n_params
-    free = None
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
-            free = int(line.split()[1]) * 1024
-        except (OSError, StopIteration, ValueError, IndexError):
-            pass
-    if free is not None and needed > free:
-        raise RunError(f"--experts {cfg.n_experts} needs about {needed / 2**30:.1f} GiB for the expert masks "
-                       f"({cfg.n_experts} x {n_params} parameters), more than the {free / 2**30:.1f} GiB free on "
-                       f"{device}; use fewer --experts")
-
-
-def protocol(cfg: Config, stage: Literal["train", "test"]) -> data.Protocol:
-    """The episode shape of meta-training ("train") or of validation and testing ("test")."""
-    if stage == "train":
-        return data.Protocol(cfg.train_protocol, cfg.train_ways, cfg.train_shots, cfg.train_queries)
-    return data.Protocol(cfg.test_protocol, cfg.test_ways, cfg.test_shots, cfg.test_queries)
-
-
 # --- messages ----------------------------------------------------------------------------------------
 
 

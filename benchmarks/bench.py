@@ -297,9 +297,9 @@ def run(args, save) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    import train
+    import devices
 
-    args.precision = train.resolve_precision(args.precision, device)  # as train.py: fp32 on CPU
+    args.precision = devices.resolve_precision(args.precision, device)  # as train.py: fp32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     use_amp = device.type == "cuda" and dtype is not None
 
@@ -340,7 +340,7 @@ def run(args, save) -> dict:
 
 def make_workloads(part, m, variants, preset, common, episode, meta_batch, autocast, device, compiled=False) -> dict:
     """The workloads of one table group, measured interleaved: one per smat variant (two for predict),
-    and with `compiled` a second smat/pmf step whose backbone forward train.compile_backbone compiled."""
+    and with `compiled` a second smat/pmf step whose backbone forward devices.compile_backbone compiled."""
     if part == "fwdbwd":
         return {"fwdbwd": FwdBwdWorkload(preset, episode, meta_batch, autocast, device)}
     made = {}
@@ -353,10 +353,10 @@ def make_workloads(part, m, variants, preset, common, episode, meta_batch, autoc
         else:
             made[f"{label}{part}"] = StepWorkload(mod, model, episode, autocast, device)
             if compiled and not label:  # the current smat.py only
-                import train
+                import devices
 
                 twin = build(mod, preset, cfg, device)
-                train.compile_backbone(twin)
+                devices.compile_backbone(twin)
                 made[f"{part}:compiled"] = StepWorkload(mod, twin, episode, autocast, device)
     return made
 

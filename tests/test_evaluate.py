@@ -59,7 +59,7 @@ def make_sources() -> list[data.Source]:
 
 
 def episode(seed: int = 0) -> data.Episode:
-    protocol = rundir.protocol(make_cfg(), "test")
+    protocol = data.protocol(make_cfg(), "test")
     return next(data.evaluation_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
 
 

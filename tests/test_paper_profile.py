@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import data
+import flags
 import readers
 import train
-from rundir import protocol
+from data import protocol
 
 pytest.importorskip("h5py")
 
@@ -37,7 +38,7 @@ def paper_config(tmp_path_factory):
     backbone = synthetic_md.write_dino_vits(root / "dino_deitsmall16_pretrain.pth")
     shrunk = {"data": data_spec, "backbone": backbone, "image_size": 32, "n_experts": 1, "meta_batch": 2,
               "episodes": 4, "val_every": 4, "checkpoint_every": 2, "val_episodes": 2, "test_episodes": 2}
-    return train.make_config("paper", shrunk, None)
+    return flags.make_config("paper", shrunk, None)
 
 
 def test_the_paper_profile_keeps_its_settings_where_nothing_was_shrunk(paper_config):

@@ -39,6 +39,7 @@ import backbone as backbones
 import benchmark
 import cli
 import evaluate
+import flags
 import readers
 import rundir
 import train
@@ -547,7 +548,7 @@ def kill_during_a_checkpoint_write(process: subprocess.Popen, run: Path) -> None
 def test_runs_killed_at_random_moments_resume_to_the_parameters_of_an_uninterrupted_run(assets, tmp_path):
     overrides = {"data": data_flag(assets), "backbone": str(assets / "vit.pt"), "n_experts": 2, "episodes": 24,
                  "checkpoint_every": 4}
-    whole = train.meta_train(train.make_config("cpu", overrides, None), tmp_path / "whole", device="cpu",
+    whole = train.meta_train(flags.make_config("cpu", overrides, None), tmp_path / "whole", device="cpu",
                              evaluate_at_end=False, cache_dir=tmp_path / "cache")
     run, chance, episodes_at_kill = tmp_path / "run", random.Random(7), []
 
@@ -645,8 +646,8 @@ def test_every_torch_load_in_the_project_passes_weights_only_true():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
                     "load", "load_state_dict_from_url") and ast.unparse(node.func.value) in ("torch", "torch.hub"):
-                flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                loads.append((f"{path.name}:{node.lineno}", flags.get("weights_only")))
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                loads.append((f"{path.name}:{node.lineno}", keywords.get("weights_only")))
     assert len(loads) >= 5  # train, backbone (file and URL), data, and the tests
     assert [where for where, flag in loads if flag != "True"] == []
 
@@ -656,8 +657,8 @@ def test_every_torch_load_in_the_project_passes_weights_only_true():
 
 def test_a_huge_learning_rate_stops_the_command_with_the_term_and_step_and_keeps_the_checkpoint(assets, tmp_path,
                                                                                               monkeypatch):
-    real = train.make_config
-    monkeypatch.setattr(train, "make_config", lambda *a: dataclasses.replace(real(*a), delta_lr=1e30))
+    real = flags.make_config
+    monkeypatch.setattr(flags, "make_config", lambda *a: dataclasses.replace(real(*a), delta_lr=1e30))
 
     result = CliRunner().invoke(train.app, train_args(assets, tmp_path, "--episodes", "16", "--checkpoint-every", "4"))
 
@@ -687,7 +688,7 @@ def test_missing_or_changed_shipped_weights_are_one_line_naming_the_file(tmp_pat
     monkeypatch.setitem(backbones.SHIPPED_WEIGHTS, "tiny", (copy, expected))
 
     with pytest.raises(backbones.BackboneError, match="shipped tiny weights .*tiny.pt") as error:
-        train.resolve_backbone(Config())
+        backbones.resolve_backbone(Config().backbone)
 
     assert len(str(error.value).splitlines()) == 1
     assert ("missing" if damage == "missing" else "SHA-256") in str(error.value)

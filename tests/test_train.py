@@ -19,7 +19,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
+import devices
 import evaluate
+import flags
 import monitor
 import rundir
 import train
@@ -256,13 +258,13 @@ def test_a_runs_config_json_given_to_config_gives_back_the_same_config(tmp_path)
     cfg = Config(n_experts=3, inner_lr=0.02, teacher=False, test_protocol="variable", data="embedded@ood")
     (tmp_path / "config.json").write_text(json.dumps(rundir.config_record(cfg)))
 
-    assert train.make_config("cpu", train.config_overrides(tmp_path / "config.json", []), None) == cfg
+    assert flags.make_config("cpu", flags.config_overrides(tmp_path / "config.json", []), None) == cfg
 
 
 def test_set_values_are_converted_by_field_type_and_win_over_the_config_file(tmp_path):
     (tmp_path / "c.toml").write_text('n_experts = 3\ninner_lr = 0.02\nmethod = "smat"\n')
 
-    values = train.config_overrides(tmp_path / "c.toml", ["inner_lr=0.5", "teacher=false", "test_ways=10"])
+    values = flags.config_overrides(tmp_path / "c.toml", ["inner_lr=0.5", "teacher=false", "test_ways=10"])
 
     assert values == {"n_experts": 3, "inner_lr": 0.5, "method": "smat", "teacher": False, "test_ways": 10}
 
@@ -310,37 +312,37 @@ def test_train_help_lists_config_set_and_tensorboard_and_every_default_in_bracke
     text = CliRunner().invoke(train.app, ["--help"], env={"COLUMNS": "250"}).output
 
     assert "--config" in text and "--set" in text and "--tensorboard" in text
-    shown = f"[default: {train.profile_defaults('episodes')}]"  # brackets survive rich's markup
+    shown = f"[default: {flags.profile_defaults('episodes')}]"  # brackets survive rich's markup
     assert shown in text and "[default: CPUs - 1, at most 16]" in text
 
 
 def test_help_defaults_name_each_profile_where_they_differ_and_what_pmf_switches():
     cpu, paper = Config(), Config.paper()
 
-    assert train.profile_defaults("sparsity") == str(cpu.sparsity)  # the same in both profiles
-    assert train.profile_defaults("episodes") == f"cpu {cpu.episodes}, paper {paper.episodes}"
-    assert train.profile_defaults("n_experts") == f"{cpu.n_experts}; 1 with --method pmf"
-    assert train.profile_defaults("teacher") == "on; off with --method pmf"
+    assert flags.profile_defaults("sparsity") == str(cpu.sparsity)  # the same in both profiles
+    assert flags.profile_defaults("episodes") == f"cpu {cpu.episodes}, paper {paper.episodes}"
+    assert flags.profile_defaults("n_experts") == f"{cpu.n_experts}; 1 with --method pmf"
+    assert flags.profile_defaults("teacher") == "on; off with --method pmf"
     # PMF's δ lr was chosen on ID validation classes for the CPU profile only
-    assert train.profile_defaults("delta_lr").endswith(f"; cpu {Config.pmf().delta_lr} with --method pmf")
-    assert train.make_config("paper", {"method": "pmf", "n_experts": 1}, None).delta_lr == paper.delta_lr
-    assert train.make_config("cpu", {"method": "pmf", "n_experts": 1}, None) == Config.pmf()
-    assert len(train.profile_defaults("data")) < 60  # the paper's ten sources, shortened
+    assert flags.profile_defaults("delta_lr").endswith(f"; cpu {Config.pmf().delta_lr} with --method pmf")
+    assert flags.make_config("paper", {"method": "pmf", "n_experts": 1}, None).delta_lr == paper.delta_lr
+    assert flags.make_config("cpu", {"method": "pmf", "n_experts": 1}, None) == Config.pmf()
+    assert len(flags.profile_defaults("data")) < 60  # the paper's ten sources, shortened
 
 
 def test_precision_auto_is_bf16_on_cards_with_native_bf16_else_fp16_and_fp32_on_cpu(monkeypatch):
-    assert {train.resolve_precision(p, torch.device("cpu")) for p in ("auto", "bf16", "fp16", "fp32")} == {"fp32"}
+    assert {devices.resolve_precision(p, torch.device("cpu")) for p in ("auto", "bf16", "fp16", "fp32")} == {"fp32"}
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(train.torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device=None: "an old card")
+    monkeypatch.setattr(devices.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(devices.torch.cuda, "get_device_name", lambda device=None: "an old card")
     for native, auto in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(train.torch.cuda, "is_bf16_supported",
+        monkeypatch.setattr(devices.torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True: native or including_emulation)  # emulation: always
-        assert train.resolve_precision("auto", cuda) == auto
-        assert train.resolve_precision("fp16", cuda) == "fp16" and train.resolve_precision("fp32", cuda) == "fp32"
+        assert devices.resolve_precision("auto", cuda) == auto
+        assert devices.resolve_precision("fp16", cuda) == "fp16" and devices.resolve_precision("fp32", cuda) == "fp32"
 
-    with pytest.raises(train.RunError, match="an old card has no native bf16; use --precision auto or fp16"):
-        train.resolve_precision("bf16", cuda)
+    with pytest.raises(rundir.RunError, match="an old card has no native bf16; use --precision auto or fp16"):
+        devices.resolve_precision("bf16", cuda)
 
 
 def test_a_compiled_backbone_gives_the_eager_step(assets, monkeypatch):
@@ -350,7 +352,7 @@ def test_a_compiled_backbone_gives_the_eager_step(assets, monkeypatch):
     eager = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)
     compiled = train.SMAT(backbones.load_backbone(assets / "vit.pt")[0], cfg)  # its own backbone module
     compiled.load_state_dict(eager.state_dict())
-    train.compile_backbone(compiled, backend="aot_eager")  # dynamo and AOTAutograd; inductor is only codegen
+    devices.compile_backbone(compiled, backend="aot_eager")  # dynamo and AOTAutograd; inductor is only codegen
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -476,10 +478,10 @@ def test_each_named_flag_is_one_parameter_named_after_its_config_field_and_none_
 
     command_only = {"out", "device", "resume", "profile", "stop_after", "evaluate_at_end", "check_shapes",
                     "config_file", "settings", "workers", "compile_model", "tensorboard"}
-    assert set(parameters) - set(train.CONFIG_FIELDS) == command_only
+    assert set(parameters) - set(flags.CONFIG_FIELDS) == command_only
     assert [name for name, info in options.items() if info.hidden] == []
-    assert all("[default: " in options[name].help for name in set(parameters) & set(train.CONFIG_FIELDS))
-    assert train.given_fields({"n_experts": 4, "seed": None, "out": "x"}) == {"n_experts": 4}
+    assert all("[default: " in options[name].help for name in set(parameters) & set(flags.CONFIG_FIELDS))
+    assert flags.given_fields({"n_experts": 4, "seed": None, "out": "x"}) == {"n_experts": 4}
 
 
 def test_router_top_k_from_the_command_line_reaches_the_run_and_names_it(assets, tmp_path):

@@ -1,0 +1,135 @@
+"""Plumbing: train.py's flags made into a Config — the profiles, --config and --set, --resume's rules, --help.
+
+A named flag of `train.main` is a parameter named after its Config field; that name is the one place
+that ties them: `config_flags` adds the field's default in each profile to the flag's help and
+`given_fields` hands its value on. `make_config` builds the run's Config from a profile and the
+overrides (or, with --resume, the run's own); Config checks every value.
+"""
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+from typing import Literal, get_args
+
+import typer
+from rich.markup import escape
+
+import rundir
+import smat
+from rundir import RunError, read_config
+from smat import Config
+
+# --help shows each profile's defaults; a flag left out keeps the profile's value (or, with --resume, the run's)
+PROFILES = {"cpu": Config(), "paper": Config.paper()}
+CONFIG_FIELDS = [f.name for f in dataclasses.fields(Config)]
+
+
+def shown(value) -> str:
+    """A value as --help shows it: on/off for a switch, a long one cut (the paper's ten data sources)."""
+    text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+    return text if len(text) <= 40 else text[:36] + "…"
+
+
+# --method's help, from its type and what PMF switches: "smat or pmf (..., SMAT with n_experts 1, ...)"
+METHOD_HELP = (f"{' or '.join(get_args(smat.Method))} (pmf, dense ProtoNet meta-tuning: SMAT with "
+               + ", ".join(f"{k} {shown(v)}" for k, v in smat.PMF_SWITCHES.items() if k != "method") + ")")
+
+
+def option(*names: str, help: str, **kwargs):
+    """A flag of `main`; where its parameter is named after a Config field, `config_flags` adds that
+    field's default in each profile to its help and `main` passes its value on as an override."""
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def config_flags(command):
+    """The one place that ties a flag to a Config field: the parameter's name. `--experts` is the
+    parameter `n_experts`, so its --help shows n_experts' defaults (`profile_defaults`), and
+    `given_fields` hands its value to the Config."""
+    for name, parameter in inspect.signature(command).parameters.items():
+        if name in CONFIG_FIELDS:
+            info = parameter.annotation.__metadata__[0]
+            info.help = f"{info.help} {escape(f'[default: {profile_defaults(name)}]')}"  # brackets as text
+    return command
+
+
+def given_fields(flags: dict) -> dict:
+    """The Config fields among `main`'s parameters that the command line set (a flag left out is None)."""
+    return {name: value for name, value in flags.items() if name in CONFIG_FIELDS and value is not None}
+
+
+def profile_defaults(field: str) -> str:
+    """A field's default for --help: "0.9" where the profiles agree, else "cpu 800, paper 50000";
+    then its value under --method pmf where PMF switches it ("1 with --method pmf")."""
+    values = {name: shown(getattr(cfg, field)) for name, cfg in PROFILES.items()}
+    text = values["cpu"] if len(set(values.values())) == 1 else ", ".join(f"{k} {v}" for k, v in values.items())
+    if field in smat.PMF_SWITCHES and field != "method":
+        text += f"; {shown(smat.PMF_SWITCHES[field])} with --method pmf"
+    if field in smat.PMF_CPU_LRS:
+        text += f"; cpu {shown(smat.PMF_CPU_LRS[field])} with --method pmf"
+    return text
+
+
+def check_flags(resume: Path | None, out: Path | None, profile: str | None) -> None:
+    """Flags that contradict each other: never silently ignore one."""
+    if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise RunError(f"--resume {resume} continues the run in its own directory; drop --out {out}")
+    if resume is not None and profile is not None:
+        raise RunError("--resume keeps the run's configuration; drop --profile")
+
+
+def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
+    """Config fields from --config FILE (JSON, or TOML by its .toml suffix) and then --set KEY=VALUE
+    (each value converted by its field's type), checked as config.json is (rundir.check_fields:
+    unknown keys, types, choices); Config itself checks the ranges. A problem is one RunError line."""
+    values: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            text = path.read_text()
+            if path.suffix.lower() == ".toml":
+                import tomllib
+
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise RunError(f"--config {path}: not a readable {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
+                           f"file of Config fields ({rundir.reason(error)})") from None
+        values = rundir.check_fields(Config, rundir.config_fields(values, f"--config {path}"), f"--config {path}")
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for setting in settings:
+        key, equals, raw = (part.strip() for part in setting.partition("="))
+        if not equals or not key:
+            raise RunError(f"--set {setting!r}: use KEY=VALUE with a Config field as KEY, e.g. --set inner_lr=0.01")
+        if key not in fields:
+            raise RunError(f"--set {key}: unknown Config field; valid keys are the fields of smat.Config "
+                           f"(e.g. {', '.join(list(fields)[:6])} ...)" + rundir.closest_field(key, list(fields)))
+        kind = fields[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value: object = raw.lower() in ("true", "1", "yes")
+            else:
+                value = int(raw) if kind is int else float(raw) if kind is float else raw
+        except ValueError:
+            raise RunError(f"--set {key}={raw}: not a valid {getattr(kind, '__name__', kind)}") from None
+        values[key] = rundir.check_fields(Config, {key: value}, "--set")[key]
+    return values
+
+
+def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:
+    """The run's Config: the profile's values with `overrides`, or with --resume the run's own (where
+    only `episodes` may change). Config checks every value (ranges, choices)."""
+    if resume is not None:
+        if not (resume / "config.json").is_file():
+            raise RunError(f"--resume {resume}: not a run directory (no config.json); pass a directory made by train.py")
+        saved = read_config(resume)
+        changed = {k: v for k, v in overrides.items() if k != "episodes" and getattr(saved, k) != v}
+        if changed:
+            raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)} (only --episodes may change)")
+        return dataclasses.replace(saved, **overrides)
+    if overrides.get("method") == "pmf":
+        overrides = smat.PMF_SWITCHES | (smat.PMF_CPU_LRS if profile == "cpu" else {}) | overrides
+    return Config(**overrides) if profile == "cpu" else Config.paper(**overrides)
