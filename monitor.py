@@ -1,20 +1,21 @@
-"""Progress and metrics of a training run: the bar, metrics.jsonl, the plain log lines, TensorBoard.
+"""Progress and metrics: training's bar, metrics.jsonl, plain log lines and TensorBoard; evaluation's stages.
 
 Plumbing: nothing here changes what is trained. train.py's loop calls `Monitor.log` after a meta-update
-and `Monitor.validated` after a validation; docs/metrics.md says what every field of metrics.jsonl
+and `Monitor.validated` after a validation, and evaluations report their episodes through `Stages`
+(`episode_bar` draws them); docs/metrics.md says what every field of metrics.jsonl
 means and what a healthy value looks like. `run` is runstate.Run (the model, the config, where the run
 stands).
 """
 
 import json
 import time
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import cli
-import evaluate
 import smat
 from rundir import RunError
 
@@ -34,7 +35,7 @@ class Monitor:
         self.started, self.start_episode = time.perf_counter(), run.episodes_done
         self.console, self.plain = console, main and not console.is_terminal
         self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
-        self.stages = evaluate.Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
+        self.stages = Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
         self.board = summary_writer()(str(run.out_dir / "tensorboard")) if tensorboard and main else None
 
     def __enter__(self) -> "Monitor":
@@ -152,3 +153,49 @@ def short_stats(r: dict) -> str:
 def router_entropy(weights: torch.Tensor) -> torch.Tensor:
     """Entropy of the merging weights, mean over tasks: log M = uniform mixing, 0 = one expert."""
     return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+# --- evaluation's progress: a bar on a terminal, a line per finished stage in a log --------------------
+
+
+def episode_bar(console: Console) -> Progress:
+    """A progress display for evaluations that vanishes when done; off unless `console` is a terminal
+    (a log file gets the results, not frames of a bar)."""
+    return Progress(*Progress.get_default_columns(), console=console, transient=True, disable=not console.is_terminal)
+
+
+class Stages:
+    """evaluate_model's `progress`: one line of `bar` for the stage under way ("smat: lr search
+    aircraft", then "smat: test aircraft" ...), replacing the last one; `fields` fill the bar's own
+    columns. Where the bar is off (a batch job's log), each finished stage is one plain line on `log`
+    if given. Used as a context manager, the last stage ends with the block."""
+
+    def __init__(self, bar: Progress, prefix: str = "", log: Console | None = None, **fields) -> None:
+        self.bar, self.prefix, self.log, self.fields = bar, prefix, log, fields
+        self.task, self.stage, self.done, self.started = None, "", 0, 0.0
+
+    def __call__(self, stage: str, total: int) -> Callable[[], None]:
+        """Start `stage` of `total` episodes; returns the function to call after each episode."""
+        self.close()
+        self.task = self.bar.add_task(self.prefix + stage, total=total, **self.fields)
+        self.stage, self.done, self.started = stage, 0, time.perf_counter()
+        return self._tick
+
+    def _tick(self) -> None:
+        self.done += 1
+        self.bar.advance(self.task)
+
+    def close(self, finished: bool = True) -> None:
+        if self.task is None:
+            return
+        if finished and self.log is not None and self.bar.disable:
+            cli.print_line(self.log, f"{self.prefix}{self.stage}: {self.done} episodes in "
+                                        f"{time.perf_counter() - self.started:.0f} s")
+        self.bar.remove_task(self.task)
+        self.task = None
+
+    def __enter__(self) -> "Stages":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.close(finished=error_type is None)

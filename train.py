@@ -35,9 +35,10 @@ import readers
 import rundir
 import runstate
 import smat
+import tables
 from cli import fail
 from flags import option
-from monitor import Monitor, summary_writer
+from monitor import Monitor, Stages, episode_bar, summary_writer
 from rundir import atomic_save, load_run
 from smat import SMAT, Config, NonFiniteLoss
 
@@ -152,14 +153,14 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
     ID and OOD domain; write results.json / results.md, then print both with their paired difference."""
     model, cfg, _ = load_run(out_dir, device)
     run = {}
-    with evaluate.episode_bar(console) as bar:
-        for name, baseline in ((cfg.method, "model"), ("Pre", "pretrained")):
-            with evaluate.Stages(bar, f"{name}: ", log=console) as stages:  # seed 0, as evaluate.py
-                run[name] = evaluate.evaluate_model(model, sources, cfg, partition="test", episodes=cfg.test_episodes,
-                                                    seed=0, device=device, baseline=baseline, progress=stages)
-    evaluate.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
-    results = evaluate.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
-    evaluate.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])
+    with episode_bar(console) as bar:
+        for name, tested in ((cfg.method, evaluate.Tested(model)), ("Pre", evaluate.Tested(model, pre=True))):
+            with Stages(bar, f"{name}: ", log=console) as stages:  # seed 0, as evaluate.py
+                run[name] = evaluate.evaluate_model(tested, sources, cfg, partition="test", episodes=cfg.test_episodes,
+                                                    seed=0, device=device, progress=stages)
+    tables.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
+    results = tables.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
+    tables.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])
     return results
 
 

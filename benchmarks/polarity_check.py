@@ -47,7 +47,7 @@ def inverted_results(run: Path, episodes: int) -> dict:
     sources = [Inverted(s) for s in readers.parse_data_spec(cfg.data, cfg.image_size, seed=0) if s.split == "ood"]
     results = evaluate.evaluate_model(model, sources, cfg, episodes=episodes, seed=0)
     results.pop("experts", None)  # the masks are the run's; its results.json has them
-    pre = evaluate.evaluate_model(model, sources, cfg, episodes=episodes, seed=0, baseline="pretrained")
+    pre = evaluate.evaluate_model(evaluate.Tested(model, pre=True), sources, cfg, episodes=episodes, seed=0)
     return results | {"baselines": {"Pre": pre}, "inverted": True}
 
 

@@ -4,7 +4,7 @@
 
 Every number is over the seeds found (seed-averaged per episode: episode i's accuracy is the mean of
 the seeds' accuracies on episode i, which all seeds share), and every difference is paired on those
-episodes: mean ± 1.96·std/√n over n episode differences (evaluate.paired_difference). Beside it, the
+episodes: mean ± 1.96·std/√n over n episode differences (tables.paired_difference). Beside it, the
 spread over seeds: each seed's own difference of averages, and a t-interval over the seeds
 (t_{0.975, S-1}·sd/√S), which also carries the variation between meta-training runs.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import delta_scaling  # noqa: E402  (the repository root and benchmarks/ are on the path only now)
-import evaluate  # noqa: E402
+import pictures  # noqa: E402
+import tables  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
 GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
@@ -41,9 +42,9 @@ def first(results: dict, n: int) -> dict:
     domains = {}
     for name, d in results["domains"].items():
         accuracies = d["accuracies"][:n]
-        mean, ci95 = evaluate.confidence_interval(evaluate.torch.tensor(accuracies))
+        mean, ci95 = tables.confidence_interval(tables.torch.tensor(accuracies))
         domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
-    return results | {"domains": domains, **evaluate._averages(domains)}
+    return results | {"domains": domains, **tables._averages(domains)}
 
 
 def selection_scores(select: Path) -> dict[str, dict[int, float]]:
@@ -88,23 +89,23 @@ def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
 def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: str, mode: str = "") -> str:
     """Pre, PMF, SMAT (seed means) per domain, and the paired differences; `mode` names a fine-tuning
     ("+full") that all three had."""
-    pmf_mean, smat_mean = evaluate.average_runs(list(pmf.values())), evaluate.average_runs(list(smat.values()))
-    differences = {"SMAT − PMF": evaluate.paired_difference(smat_mean, pmf_mean),
-                   "SMAT − Pre": evaluate.paired_difference(smat_mean, pre),
-                   "PMF − Pre": evaluate.paired_difference(pmf_mean, pre)}
+    pmf_mean, smat_mean = tables.average_runs(list(pmf.values())), tables.average_runs(list(smat.values()))
+    differences = {"SMAT − PMF": tables.paired_difference(smat_mean, pmf_mean),
+                   "SMAT − Pre": tables.paired_difference(smat_mean, pre),
+                   "PMF − Pre": tables.paired_difference(pmf_mean, pre)}
     seeds = lambda runs: f"{len(runs)} seed{'s' if len(runs) != 1 else ''}"  # noqa: E731
     names = [f"Pre{mode}", f"PMF{mode} ({seeds(pmf)})", f"SMAT{mode} ({seeds(smat)})"]
-    text = f"#### {title}\n\n" + evaluate.markdown_table([pre, pmf_mean, smat_mean], names, differences)
+    text = f"#### {title}\n\n" + tables.markdown_table([pre, pmf_mean, smat_mean], names, differences)
     rows = ["", "| average | SMAT − PMF over seeds | SMAT − Pre over seeds | PMF − Pre over seeds |",
             "|---|---:|---:|---:|"]
     pres = {seed: pre for seed in smat.keys() | pmf.keys()}
-    for key, label in evaluate.AVERAGES.items():
+    for key, label in tables.AVERAGES.items():
         if smat_mean.get(key) is not None:
             rows.append(f"| {label} | {seed_interval(smat, pmf, key)} | {seed_interval(smat, pres, key)} | "
                         f"{seed_interval(pmf, pres, key)} |")
     first_domain = next(iter(pre["domains"].values()))
     return (text + "\n".join(rows) + f"\n\n{first_domain['episodes']} test episodes per domain, "
-            f"{evaluate._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
+            f"{tables._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
 
 
 def fine_tuned(folder: Path, title: str, zero_shot: dict[str, dict[int, dict]]) -> str:
@@ -128,10 +129,10 @@ def finetune_gains(families: dict[str, tuple[dict[int, dict], dict[int, dict]]])
     the fine-tuned runs were tested on (the first n of the zero-shot runs' episodes)."""
     rows = ["| model | ID: +full − zero-shot | OOD: +full − zero-shot |", "|---|---:|---:|"]
     for name, (zero_shot, tuned) in families.items():
-        tuned_mean = evaluate.average_runs(list(tuned.values()))
+        tuned_mean = tables.average_runs(list(tuned.values()))
         n = next(iter(tuned_mean["domains"].values()))["episodes"]
-        gain = evaluate.paired_difference(tuned_mean, evaluate.average_runs([first(r, n) for r in zero_shot.values()]))
-        rows.append(f"| {name} | {evaluate.difference_cell(gain['id_avg'])} | {evaluate.difference_cell(gain['ood_avg'])} |")
+        gain = tables.paired_difference(tuned_mean, tables.average_runs([first(r, n) for r in zero_shot.values()]))
+        rows.append(f"| {name} | {tables.difference_cell(gain['id_avg'])} | {tables.difference_cell(gain['ood_avg'])} |")
     return "Gain from fine-tuning (paired 95% CIs):\n\n" + "\n".join(rows) + "\n"
 
 
@@ -166,7 +167,7 @@ def shared(root: Path, prefixes: list[str], episodes: int) -> dict[str, dict]:
     """{prefix: seed-mean results} over the seeds every prefix has, on the first `episodes` episodes."""
     families = {p: seeds_of(root, p) for p in prefixes}
     seeds = set.intersection(*(set(f) for f in families.values())) if families else set()
-    return {p: evaluate.average_runs([first(f[s], episodes) for s in sorted(seeds)]) for p, f in families.items()
+    return {p: tables.average_runs([first(f[s], episodes) for s in sorted(seeds)]) for p, f in families.items()
             if seeds}, sorted(seeds)
 
 
@@ -183,23 +184,23 @@ def paired_sweep(root: Path, values: dict[float, str], reference: float, episode
             "per-expert test sparsity [min, max] | gates exactly 0/1 | task update density |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for value, prefix in sorted(present.items()):
-        paired = evaluate.paired_difference(means[prefix], base)
+        paired = tables.paired_difference(means[prefix], base)
         runs = {s: r for s, r in seeds_of(root, prefix).items() if s in seeds}
         sparsity = sparsity_rows(runs) if all("sparsity" in r for r in runs.values()) else "- | - | -"
         rows.append(f"| {value:g} | {split_cells(means[prefix])} | "
-                    + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + f" | {sparsity} |")
+                    + " | ".join(tables.difference_cell(paired.get(k)) for k in KEYS) + f" | {sparsity} |")
     slopes = []
-    xs = evaluate.torch.tensor(sorted(present), dtype=evaluate.torch.float64)
+    xs = tables.torch.tensor(sorted(present), dtype=tables.torch.float64)
     for key in KEYS:
-        groups = evaluate.average_groups(base["domains"]).get(key)
+        groups = tables.average_groups(base["domains"]).get(key)
         if not groups:
             continue
         # episodes × values: each episode's split average (over its domains) for every value
-        ys = evaluate.torch.stack([evaluate._per_episode(means[present[v]], groups).mean(1) for v in sorted(present)], 1)
+        ys = tables.torch.stack([tables._per_episode(means[present[v]], groups).mean(1) for v in sorted(present)], 1)
         centred = xs - xs.mean()
         slope = 100 * (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)  # points per unit
-        mean, ci95 = evaluate.confidence_interval(slope / 100)
-        slopes.append(f"{evaluate.AVERAGES[key]} {mean:+.2f} ± {ci95:.2f}")
+        mean, ci95 = tables.confidence_interval(slope / 100)
+        slopes.append(f"{tables.AVERAGES[key]} {mean:+.2f} ± {ci95:.2f}")
     return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))} (seed-averaged per episode), the first "
             f"{episodes} test episodes per domain, paired 95% CIs. Least-squares slope per unit {name}, "
             f"per episode, 95% CI over episodes: " + "; ".join(slopes) + ".\n")
@@ -212,7 +213,7 @@ def delta_scaling(root: Path, seeds: list[int], episodes: int) -> str:
     seeds = [s for s in seeds if ("smat", s) in found and ("pmf", s) in found]
     if not seeds:
         return ""
-    base = evaluate.average_runs([found["smat", s]["scales"]["1"] for s in seeds])
+    base = tables.average_runs([found["smat", s]["scales"]["1"] for s in seeds])
     rows = ["| model | δ × s | ‖θ_i − θ_pre‖ | ID | near OOD | far OOD | Δ ID vs SMAT | Δ near OOD | Δ far OOD |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method in ("smat", "pmf"):
@@ -220,12 +221,12 @@ def delta_scaling(root: Path, seeds: list[int], episodes: int) -> str:
         for index, scale in enumerate(scales):
             matched = method == "pmf" and "matched" in found[method, seeds[0]] and index == len(scales) - 1
             runs = [found[method, s]["scales"][list(found[method, s]["scales"])[index]] for s in seeds]
-            mean = evaluate.average_runs(runs)
-            paired = evaluate.paired_difference(mean, base)
+            mean = tables.average_runs(runs)
+            paired = tables.paired_difference(mean, base)
             norm = statistics.fmean(list(found[method, s]["norms"].values())[index] for s in seeds)
             label = "at SMAT's norm" if matched else scale
             rows.append(f"| {method.upper()} | {label} | {norm:.2f} | {split_cells(mean)} | "
-                        + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + " |")
+                        + " | ".join(tables.difference_cell(paired.get(k)) for k in KEYS) + " |")
     return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))}, the first {episodes} test episodes per "
             f"domain, seed means, paired 95% CIs against SMAT as trained (s = 1).\n")
 
@@ -262,10 +263,10 @@ def ablations(root: Path, episodes: int, families: dict[str, str], reference: st
         means, seeds = shared(root, [prefix, reference], episodes)
         if not seeds:
             continue
-        paired = evaluate.paired_difference(means[prefix], means[reference])
+        paired = tables.paired_difference(means[prefix], means[reference])
         norm = statistics.fmean(delta_scaling.tested_update_norm(root / f"{prefix}-seed{s}") for s in seeds)
         rows.append(f"| {label} | {len(seeds)} | {split_cells(means[prefix])} | "
-                    + " | ".join(evaluate.difference_cell(paired.get(k)) for k in KEYS) + f" | {norm:.2f} |")
+                    + " | ".join(tables.difference_cell(paired.get(k)) for k in KEYS) + f" | {norm:.2f} |")
     return "\n".join(rows) + (f"\n\nThe first {episodes} test episodes per domain; seed means over the seeds "
                               f"each row shares with SMAT, paired 95% CIs.\n")
 
@@ -287,24 +288,24 @@ def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict],
     (t over seeds; the method-level evidence) beside the episode-level one, and the verdict. Where the
     polarity check ran, (a) and (b) on near OOD are repeated with the OOD images inverted."""
     pres = {s: pre for s in smat.keys() | pmf.keys()}
-    smat_mean, pmf_mean = evaluate.average_runs(list(smat.values())), evaluate.average_runs(list(pmf.values()))
+    smat_mean, pmf_mean = tables.average_runs(list(smat.values())), tables.average_runs(list(pmf.values()))
     rows = ["| finding (the paper's direction) | comparison | seed-level (t over seeds) | episode-level | verdict |",
             "|---|---|---:|---:|---|"]
     inverted = {m: seeds_of(root, m, "polarity-inverted-*.json") for m in ("smat", "pmf")}
 
     def row(finding, label, a, b, a_mean, b_mean, key, sign):
         seed_ci = seed_level(a, b, key)
-        episode = evaluate.difference_cell(evaluate.paired_difference(a_mean, b_mean).get(key))
+        episode = tables.difference_cell(tables.paired_difference(a_mean, b_mean).get(key))
         cell = f"{seed_ci[0]:+.2f} ± {seed_ci[1]:.2f}" if seed_ci else "-"
         rows.append(f"| {finding} | {label} | {cell} | {episode} | {verdict(seed_ci, sign)} |")
 
     for key in ("near_ood_avg", "far_ood_avg"):
-        row("(a) SMAT > PMF on OOD", f"SMAT − PMF, {evaluate.AVERAGES[key]}", smat, pmf, smat_mean, pmf_mean, key, +1)
+        row("(a) SMAT > PMF on OOD", f"SMAT − PMF, {tables.AVERAGES[key]}", smat, pmf, smat_mean, pmf_mean, key, +1)
     for key in ("near_ood_avg", "far_ood_avg"):
-        row("(b) meta-tuning improves OOD", f"SMAT − Pre, {evaluate.AVERAGES[key]}", smat, pres, smat_mean, pre, key, +1)
-        row("(b) ... where PMF ties Pre", f"PMF − Pre, {evaluate.AVERAGES[key]}", pmf, pres, pmf_mean, pre, key, 0)
+        row("(b) meta-tuning improves OOD", f"SMAT − Pre, {tables.AVERAGES[key]}", smat, pres, smat_mean, pre, key, +1)
+        row("(b) ... where PMF ties Pre", f"PMF − Pre, {tables.AVERAGES[key]}", pmf, pres, pmf_mean, pre, key, 0)
     if inverted["smat"] and inverted["pmf"]:
-        flipped = {m: evaluate.average_runs(list(runs.values())) for m, runs in inverted.items()}
+        flipped = {m: tables.average_runs(list(runs.values())) for m, runs in inverted.items()}
         flipped_pre = next(iter(inverted["smat"].values()))["baselines"]["Pre"]
         flipped_pres = {s: flipped_pre for s in inverted["smat"].keys() | inverted["pmf"].keys()}
         row("(a) on inverted images", "SMAT − PMF, near OOD avg", inverted["smat"], inverted["pmf"],
@@ -321,8 +322,8 @@ def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict],
         shared_seeds = sorted(other.keys() & smat.keys())
         a = {s: first(other[s], episodes) for s in shared_seeds}
         b = {s: first(smat[s], episodes) for s in shared_seeds}
-        label = f"{prefix.removeprefix('smat-').replace('s', 'τ ', 1).replace('m', 'M ', 1)} − default, {evaluate.AVERAGES[key]}"
-        row(finding, label, a, b, evaluate.average_runs(list(a.values())), evaluate.average_runs(list(b.values())),
+        label = f"{prefix.removeprefix('smat-').replace('s', 'τ ', 1).replace('m', 'M ', 1)} − default, {tables.AVERAGES[key]}"
+        row(finding, label, a, b, tables.average_runs(list(a.values())), tables.average_runs(list(b.values())),
             key, sign)
     return ("\n".join(rows) + "\n\nVerdict: reproduced where the seed-level 95% interval excludes 0 in the "
             "paper's direction. Sweeps: the first " f"{episodes} test episodes per domain, their shared seeds.\n")
@@ -373,8 +374,8 @@ def main() -> None:
     if args.plot:
         means, _ = shared(root, list(taus.values()), episodes)
         if means:
-            evaluate.plot_sparsity_sweep({t: means[p] for t, p in taus.items() if p in means}, args.plot,
-                                         {"Pre": first(pre, episodes), "PMF": first(evaluate.average_runs(list(pmf.values())), episodes)})
+            pictures.plot_sparsity_sweep({t: means[p] for t, p in taus.items() if p in means}, args.plot,
+                                         {"Pre": first(pre, episodes), "PMF": first(tables.average_runs(list(pmf.values())), episodes)})
     print(fine_tuned(root / "finetune", "Embedded benchmark, full fine-tuning", {"Pre": {0: pre}, "PMF": pmf, "SMAT": smat}))
 
 

@@ -10,7 +10,6 @@ import re
 import statistics
 import sys
 
-import jaxtyping
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,9 +22,12 @@ import benchmark
 import data
 import evaluate
 import finetuning
+import monitor
+import pictures
 import readers
 import rundir
 import smat
+import tables
 from smat import SMAT, Config
 
 SPEC = backbones.ViTSpec(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2.0, grid_size=2)
@@ -63,10 +65,11 @@ def episode(seed: int = 0) -> data.Episode:
     return next(data.evaluation_episodes(make_sources()[0], "test", protocol, 1, seed, 16))
 
 
-def run(model=None, sources=None, **kwargs) -> dict:
+def run(model=None, sources=None, pre: bool = False, **kwargs) -> evaluate.Results:
+    """The model's results (with `pre`, its Pre baseline's) on a few episodes of the small sources."""
     model = model or make_model()
     kwargs = {"episodes": 4, "seed": 0, **kwargs}
-    return evaluate.evaluate_model(model, sources or make_sources(), model.cfg, **kwargs)
+    return evaluate.evaluate_model(evaluate.Tested(model, pre), sources or make_sources(), model.cfg, **kwargs)
 
 
 # --- mean and 95% confidence interval ---------------------------------------------------------------
@@ -74,7 +77,7 @@ def run(model=None, sources=None, **kwargs) -> dict:
 
 def test_confidence_interval_matches_a_hand_computation():
     # accuracies 60, 80, 100, 80 %: mean 80, unbiased variance (400 + 0 + 400 + 0) / 3, CI = 1.96·std/√4
-    mean, ci95 = evaluate.confidence_interval(torch.tensor([0.6, 0.8, 1.0, 0.8]))
+    mean, ci95 = tables.confidence_interval(torch.tensor([0.6, 0.8, 1.0, 0.8]))
 
     assert mean == pytest.approx(80.0)
     assert ci95 == pytest.approx(1.96 * (800 / 3) ** 0.5 / 2)
@@ -85,7 +88,7 @@ def test_confidence_interval_matches_a_hand_computation():
 def test_confidence_interval_is_the_unbiased_formula(correct):
     accuracies = [c / 15 for c in correct]
 
-    mean, ci95 = evaluate.confidence_interval(torch.tensor(accuracies))
+    mean, ci95 = tables.confidence_interval(torch.tensor(accuracies))
 
     assert mean == pytest.approx(100 * statistics.fmean(accuracies), abs=1e-4)
     assert ci95 == pytest.approx(196 * statistics.stdev(accuracies) / len(accuracies) ** 0.5, abs=1e-4)
@@ -107,7 +110,7 @@ def test_the_same_seed_gives_every_method_the_same_episodes_and_numbers(monkeypa
 
     first = run(model)
     again = run(model)
-    pre = run(model, baseline="pretrained")
+    pre = run(model, pre=True)
     run(model, seed=1)
 
     episodes = [s[1:] for s in seen]
@@ -124,9 +127,9 @@ def test_the_same_seed_gives_every_method_the_same_episodes_and_numbers(monkeypa
 
 def test_results_json_matches_the_design_schema(tmp_path):
     results = run(episodes=3)
-    pre = run(episodes=3, baseline="pretrained")
+    pre = run(episodes=3, pre=True)
 
-    evaluate.write_results(tmp_path, results, {"Pre": pre})
+    tables.write_results(tmp_path, results, {"Pre": pre})
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["domains"]) == {"glyphs", "rosettes"}
@@ -231,8 +234,8 @@ def test_the_lr_search_reads_validation_episodes_only(monkeypatch):
     monkeypatch.setattr(data, "evaluation_episodes", recording_episodes)
     model = make_model()
 
-    lrs, search = evaluate.select_finetune_lr(model, make_sources(), model.cfg, "full", seed=0,
-                                              baseline="model", device="cpu", steps=2, episodes=2)
+    lrs, search = evaluate.select_finetune_lr(evaluate.Tested(model), make_sources(), model.cfg, "full", seed=0,
+                                              device="cpu", steps=2, episodes=2)
     assert requested == ["val", "val"]
     assert set(lrs) == {"glyphs", "rosettes"} and all(lr in evaluate.LR_CANDIDATES for lr in lrs.values())
     assert search["partition"] == "val" and len(search["accuracy"]["glyphs"]) == len(evaluate.LR_CANDIDATES)
@@ -261,7 +264,7 @@ def test_an_evaluation_announces_each_stage_and_ticks_once_per_episode():
 def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_no_bar_elsewhere():
     def draw(terminal: bool) -> str:
         console = Console(file=io.StringIO(), force_terminal=terminal, width=100)
-        with evaluate.episode_bar(console) as bar, evaluate.Stages(bar, "smat: ", log=console) as stages:
+        with monitor.episode_bar(console) as bar, monitor.Stages(bar, "smat: ", log=console) as stages:
             for stage in ("lr search glyphs", "test glyphs"):
                 tick = stages(stage, 3)
                 tick()
@@ -278,11 +281,11 @@ def test_stages_draw_one_line_for_the_stage_under_way_in_a_terminal_and_no_bar_e
 
 def test_without_a_bar_each_finished_stage_is_one_plain_line_and_a_failed_one_none():
     log = Console(file=io.StringIO(), force_terminal=False, width=40)
-    with evaluate.episode_bar(log) as bar:
-        with evaluate.Stages(bar, "pmf: ", log=log) as stages:
+    with monitor.episode_bar(log) as bar:
+        with monitor.Stages(bar, "pmf: ", log=log) as stages:
             for _ in range(3):
                 stages("lr search a very long domain name", 2)()
-        with pytest.raises(RuntimeError), evaluate.Stages(bar, "pmf: ", log=log) as stages:
+        with pytest.raises(RuntimeError), monitor.Stages(bar, "pmf: ", log=log) as stages:
             stages("test b", 4)()
             raise RuntimeError("an episode failed")
 
@@ -294,8 +297,8 @@ def test_without_a_bar_each_finished_stage_is_one_plain_line_and_a_failed_one_no
 def test_ties_in_the_lr_search_go_to_lr_zero():
     model = make_model()
     # With 0 steps every candidate predicts exactly as zero-shot, so every accuracy ties.
-    lrs, search = evaluate.select_finetune_lr(model, make_sources(), model.cfg, "lora", seed=0,
-                                              baseline="model", device="cpu", steps=0, episodes=2)
+    lrs, search = evaluate.select_finetune_lr(evaluate.Tested(model), make_sources(), model.cfg, "lora", seed=0,
+                                              device="cpu", steps=0, episodes=2)
 
     assert lrs == {"glyphs": 0.0, "rosettes": 0.0}
     assert len(set(search["accuracy"]["glyphs"])) == 1
@@ -306,25 +309,10 @@ def test_a_domain_without_validation_classes_takes_the_pooled_lr(monkeypatch):
     monkeypatch.setattr(sources[1], "class_sizes", lambda partition: [] if partition == "val" else [8] * 4)
     model = make_model()
 
-    lrs, search = evaluate.select_finetune_lr(model, sources, model.cfg, "full", seed=0, baseline="model",
-                                              device="cpu", steps=2, episodes=2)
+    lrs, search = evaluate.select_finetune_lr(evaluate.Tested(model), sources, model.cfg, "full", seed=0, device="cpu",
+                                              steps=2, episodes=2)
 
     assert list(search["accuracy"]) == ["glyphs"] and lrs["rosettes"] == search["pooled_lr"]
-
-
-# --- inference cost and expert statistics ---------------------------------------------------------------
-
-
-def test_the_plain_protonet_copy_computes_the_pretrained_features_and_timing_restores_checks():
-    model, e = make_model(), episode()
-
-    plain = evaluate.plain_backbone(model)
-
-    torch.testing.assert_close(plain(e.support_images), model.features(model.theta_pre, e.support_images))
-    checks = jaxtyping.config.jaxtyping_disable
-    cost = evaluate.inference_cost(model, e, repeats=2)
-    assert cost["smat_ms"] > 0 and cost["protonet_ms"] > 0 and cost["images"] == 15
-    assert jaxtyping.config.jaxtyping_disable == checks  # shape checks back as they were
 
 
 # --- paired differences, averages over runs, the tested model's sparsity ----------------------------------
@@ -345,7 +333,7 @@ def test_the_paired_difference_matches_a_slow_loop_over_episodes(n, seed):
     draw = lambda: {d: (torch.randint(0, 16, (n,), generator=g) / 15).tolist() for d in splits}  # noqa: E731
     first, second = fake_results(draw(), splits), fake_results(draw(), splits)
 
-    paired = evaluate.paired_difference(first, second)
+    paired = tables.paired_difference(first, second)
 
     def slow(diffs):  # mean and 1.96·s/√n, written out
         mean = sum(diffs) / len(diffs)
@@ -371,28 +359,28 @@ def test_near_and_far_ood_get_their_own_paired_averages_and_table_rows():
     for results in (first, second):
         for name, distance in (("n1", "near"), ("n2", "near"), ("f", "far")):
             results["domains"][name]["distance"] = distance
-        results |= evaluate._averages(results["domains"])
+        results |= tables._averages(results["domains"])
 
-    paired = evaluate.paired_difference(first, second)
+    paired = tables.paired_difference(first, second)
 
     # near: episode 1 (+50 + 0)/2 = +25, episode 2 (0 + 50)/2 = +25; far: -50 and 0
     assert paired["near_ood_avg"]["mean"] == pytest.approx(25.0) and paired["near_ood_avg"]["ci95"] == pytest.approx(0.0)
     assert paired["far_ood_avg"]["mean"] == pytest.approx(-25.0)
     assert first["near_ood_avg"] == pytest.approx(50.0) and first["far_ood_avg"] == pytest.approx(25.0)
-    rows = {row[0]: row for row in evaluate._rows([first, second], [paired])}
-    assert rows["near OOD avg"][-1] == evaluate.difference_cell(paired["near_ood_avg"])
+    rows = {row[0]: row for row in tables._rows([first, second], [paired])}
+    assert rows["near OOD avg"][-1] == tables.difference_cell(paired["near_ood_avg"])
     assert rows["far OOD avg"][2:4] == ["25.00", "50.00"] and rows["n1"][1] == "ood near"
     plain = fake_results({"a": [1.0, 0.5]}, {"a": "id"})  # without distances: no near/far rows
-    assert [row[0] for row in evaluate._rows([plain])] == ["a", "ID avg", "OOD avg"]
+    assert [row[0] for row in tables._rows([plain])] == ["a", "ID avg", "OOD avg"]
 
 
 def test_a_paired_difference_refuses_results_from_different_episodes():
     splits = {"a": "id"}
     with pytest.raises(evaluate.EvaluateError, match="same episodes"):
-        evaluate.paired_difference(fake_results({"a": [0.5, 1.0]}, splits),
+        tables.paired_difference(fake_results({"a": [0.5, 1.0]}, splits),
                                    fake_results({"a": [0.5, 1.0]}, splits, seed=1))
     with pytest.raises(evaluate.EvaluateError, match="same episodes"):
-        evaluate.paired_difference(fake_results({"a": [0.5, 1.0]}, splits), fake_results({"a": [0.5]}, splits))
+        tables.paired_difference(fake_results({"a": [0.5, 1.0]}, splits), fake_results({"a": [0.5]}, splits))
 
 
 def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
@@ -400,7 +388,7 @@ def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
     one = fake_results({"a": [1.0, 0.0, 0.5], "b": [0.2, 0.4, 0.6]}, splits)
     two = fake_results({"a": [0.0, 0.0, 0.5], "b": [0.4, 0.4, 0.8]}, splits)
 
-    mean = evaluate.average_runs([one, two])
+    mean = tables.average_runs([one, two])
 
     assert mean["domains"]["a"]["accuracies"] == [0.5, 0.0, 0.5]
     assert mean["domains"]["b"]["accuracies"] == pytest.approx([0.3, 0.4, 0.7])
@@ -411,7 +399,7 @@ def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
 def test_the_split_average_ci_is_over_episode_averages_of_the_splits_domains():
     results = fake_results({"a": [1.0, 0.0], "b": [0.0, 0.0], "c": [0.5, 0.5]}, {"a": "id", "b": "id", "c": "ood"})
 
-    (id_mean, id_ci), (ood_mean, ood_ci) = evaluate.split_average(results, "id"), evaluate.split_average(results, "ood")
+    (id_mean, id_ci), (ood_mean, ood_ci) = tables.split_average(results, "id"), tables.split_average(results, "ood")
 
     assert id_mean == pytest.approx(25.0) and id_ci == pytest.approx(1.96 * math.sqrt(2 * 25.0**2) / math.sqrt(2))
     assert (ood_mean, ood_ci) == (pytest.approx(50.0), pytest.approx(0.0))
@@ -464,10 +452,10 @@ def test_kept_fraction_and_mask_overlap_match_hand_built_masks():
 def test_every_picture_is_written_as_a_png(tmp_path):
     results = run(episodes=2)
 
-    evaluate.plot_router_weights(results, tmp_path / "router.png")
-    evaluate.plot_kept_fraction(results, tmp_path / "kept.png")
-    evaluate.plot_mask_overlap(results, tmp_path / "overlap.png")
-    evaluate.plot_sparsity_sweep({0.9: results, 0.5: run(episodes=2, seed=1)}, tmp_path / "sweep.png")
+    pictures.plot_router_weights(results, tmp_path / "router.png")
+    pictures.plot_kept_fraction(results, tmp_path / "kept.png")
+    pictures.plot_mask_overlap(results, tmp_path / "overlap.png")
+    pictures.plot_sparsity_sweep({0.9: results, 0.5: run(episodes=2, seed=1)}, tmp_path / "sweep.png")
 
     for name in ("router", "kept", "overlap", "sweep"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -478,7 +466,7 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
 
     with pytest.raises(evaluate.EvaluateError, match="pip install"):
-        evaluate.pyplot()
+        pictures.pyplot()
 
 
 # --- the command line -------------------------------------------------------------------------------------
@@ -564,8 +552,8 @@ def test_each_evaluation_writes_its_own_named_file_and_never_replaces_another(ru
         assert CliRunner().invoke(evaluate.app, args + extra).exit_code == 0
 
     names = sorted(p.name for p in run.glob("results*"))
-    shape = evaluate.results_name(json.loads(next(run.glob("results-*.json")).read_text())).split("-")[2]
-    digest = evaluate.results_name({"data": "embedded", "finetune": "none", "seed": 0,
+    shape = tables.results_name(json.loads(next(run.glob("results-*.json")).read_text())).split("-")[2]
+    digest = tables.results_name({"data": "embedded", "finetune": "none", "seed": 0,
                                     "domains": {"d": {"episodes": 2}}}).split("-")[4]
     first = f"results-zeroshot-{shape}-embedded-{digest}-seed0-2ep"
     assert names == sorted(["results.json", f"{first}.json", f"{first}.md", f"{first}-2.json", f"{first}-2.md",
@@ -588,8 +576,8 @@ def test_results_files_record_code_torch_python_device_and_data(runs):
 def test_a_data_string_becomes_a_short_safe_name_that_tells_strings_apart():
     name = {"finetune": "full", "seed": 3, "domains": {"d": {"episodes": 600}},
             "protocol": {"kind": "fixed", "ways": 5, "shots": 1, "queries": 15}}
-    a = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
-    b = evaluate.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
+    a = tables.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
+    b = tables.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
 
     assert a != b and a.startswith("results-full-5w1s15q-") and a.endswith("-seed3-600ep")
     assert re.fullmatch(r"[a-z0-9-]+", a) and len(a) < 80
@@ -654,7 +642,7 @@ def test_curves_of_a_run_without_metrics_is_one_line(runs):
     ("cls_token", ("embeddings", "embed")), ("pos_embed", ("embeddings", "embed")), ("norm.bias", ("final norm", "norms")),
 ])
 def test_each_backbone_tensor_belongs_to_a_block_and_a_module_type(name, where):
-    assert evaluate.module_of(name) == where
+    assert pictures.module_of(name) == where
 
 
 def test_kept_fraction_is_pooled_by_block_and_module_type_weighted_by_parameter_count():
@@ -664,7 +652,7 @@ def test_kept_fraction_is_pooled_by_block_and_module_type_weighted_by_parameter_
         "parameters": {"blocks.0.attn.qkv.weight": 3, "blocks.0.attn.qkv.bias": 1, "blocks.0.norm1.weight": 2,
                        "norm.weight": 2}}}
 
-    blocks, types, table = evaluate.kept_by_module(results)
+    blocks, types, table = pictures.kept_by_module(results)
 
     assert blocks == ["block 0", "final norm"] and types == ["qkv", "norms"]
     assert table[:, 0, 0].tolist() == [0.75, 0.25] and table[:, 0, 1].tolist() == [0.5, 0.5]
