@@ -206,7 +206,7 @@ def paired_sweep(root: Path, values: dict[float, str], reference: float, episode
             f"per episode, 95% CI over episodes: " + "; ".join(slopes) + ".\n")
 
 
-def delta_scaling(root: Path, seeds: list[int], episodes: int) -> str:
+def scaling_table(root: Path, seeds: list[int], episodes: int) -> str:
     """SMAT and PMF with δ scaled (benchmarks/delta_scaling.py), seed means, against SMAT at s = 1."""
     files = {(m, s): root / f"{m}-seed{s}" / f"delta-scaling-{episodes}ep.json" for m in ("smat", "pmf") for s in seeds}
     found = {k: load(f) for k, f in files.items() if f.exists()}
@@ -362,7 +362,7 @@ def main() -> None:
         print(comparison(next(iter(inverted_smat.values()))["baselines"]["Pre"], inverted_pmf, inverted_smat,
                          "Embedded OOD domains with every image inverted, zero-shot"))
     print("#### δ scaling: update size against sparse routing\n\n"
-          + delta_scaling(root, sorted(smat), args.delta_episodes))
+          + scaling_table(root, sorted(smat), args.delta_episodes))
     families = {"SMAT without the dense teacher": "smat-noteacher", "SMAT without the KD to Pre": "smat-nokl"}
     print("#### Ablations, one switch each\n\n" + ablations(root, episodes, families, "smat"))
     taus = {0.9: "smat"} | {float(p.name.split("-s")[1].split("-seed")[0]): p.name.split("-seed")[0]

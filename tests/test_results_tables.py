@@ -62,12 +62,13 @@ def write_tree(root: Path) -> dict:
                                           ("glyphs-inverted-results", "results-zeroshot-x.json", zero_shot)):
                 (root / folder / run.name).mkdir(parents=True)
                 (root / folder / run.name / name).write_text(json.dumps(content))
-    for prefix, level in (("smat-s0.5", 0.66), ("smat-m1", 0.62)):  # a sweep point each, 2 seeds
+    for prefix, level in (("smat-s0.5", 0.66), ("smat-m1", 0.62), ("smat-noteacher", 0.64)):  # 2 seeds each
         for seed in (0, 1):
             run = root / f"{prefix}-seed{seed}"
             run.mkdir()
             made[(prefix, seed)] = results(seed, level) | {"baselines": {"Pre": pre}}
             (run / "results.json").write_text(json.dumps(made[(prefix, seed)]))
+            torch.save({"model": {"delta": torch.full((6,), 2.0), "log_alpha": torch.zeros(2, 6)}}, run / "best.pt")
     for setting, scores in (("pmf-lr0.02", (81.0, 80.0)), ("pmf-lr0.05", (80.9, 81.5)), ("pmf-lr0.1", (70.0,)),
                             ("smat-lr0.05-t1", (82.0, 81.0))):
         for seed, score in enumerate(scores):
@@ -130,6 +131,12 @@ def test_near_and_far_ood_the_sweeps_and_the_findings_are_paired_against_the_def
     found = shown.split("#### The paper's findings")[1].split("####")[0]
     assert found.count("| (a) SMAT > PMF on OOD |") == 2 and "(d) more experts help" in found
     assert "Real glyphs inverted (light ink on dark)" in shown and "Real glyphs as built" in shown
+    ablation = shown.split("#### Ablations, one switch each")[1].split("####")[0]
+    without = evaluate.average_runs([made[("smat-noteacher", 0)], made[("smat-noteacher", 1)]])
+    row = next(line for line in ablation.splitlines() if line.startswith("| SMAT without the dense teacher |"))
+    assert evaluate.difference_cell(evaluate.paired_difference(without, smat)["id_avg"]) in row
+    # ‖θ_i − θ_pre‖: gates of log α = 0 are 0.5 (stretched: 0.5·1.2 − 0.1), weights 0.5 + 0.5, δ = 2 on 6 entries
+    assert row.endswith(f"| {0.5 * 2 * 6 ** 0.5:.2f} |")
 
 
 def test_a_verdict_needs_the_seed_level_interval_to_exclude_zero_in_the_papers_direction():
