@@ -171,10 +171,11 @@ def shared(root: Path, prefixes: list[str], episodes: int) -> dict[str, dict]:
             if seeds}, sorted(seeds)
 
 
-def paired_sweep(root: Path, values: dict[float, str], reference: float, episodes: int, name: str) -> str:
+def paired_sweep(root: Path, values: dict[float, str], reference: float, episodes: int, name: str,
+                 per_doubling: bool = False) -> str:
     """A sweep as paired differences against the `reference` value, on the seeds every value has, and
-    the per-episode least-squares slope of each average against the value (points per unit, 95% CI
-    over episodes); `values` maps each value to its run family's prefix."""
+    the per-episode least-squares slope of each average against the value (points per unit, or per
+    doubling with `per_doubling`; 95% CI over episodes); `values` maps each value to its run family."""
     present = {v: p for v, p in values.items() if seeds_of(root, p)}
     if reference not in present or len(present) < 2:
         return ""
@@ -191,6 +192,7 @@ def paired_sweep(root: Path, values: dict[float, str], reference: float, episode
                     + " | ".join(tables.difference_cell(paired.get(k)) for k in KEYS) + f" | {sparsity} |")
     slopes = []
     xs = tables.torch.tensor(sorted(present), dtype=tables.torch.float64)
+    xs = xs.log2() if per_doubling else xs
     for key in KEYS:
         groups = tables.average_groups(base["domains"]).get(key)
         if not groups:
@@ -202,7 +204,8 @@ def paired_sweep(root: Path, values: dict[float, str], reference: float, episode
         mean, ci95 = tables.confidence_interval(slope / 100)
         slopes.append(f"{tables.AVERAGES[key]} {mean:+.2f} ± {ci95:.2f}")
     return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))} (seed-averaged per episode), the first "
-            f"{episodes} test episodes per domain, paired 95% CIs. Least-squares slope per unit {name}, "
+            f"{episodes} test episodes per domain, paired 95% CIs. Least-squares slope per "
+            f"{'doubling of' if per_doubling else 'unit'} {name}, "
             f"per episode, 95% CI over episodes: " + "; ".join(slopes) + ".\n")
 
 
@@ -370,7 +373,7 @@ def main() -> None:
     print("#### Sparsity sweep\n\n" + paired_sweep(root, taus, 0.9, episodes, "τ"))
     experts = {8.0: "smat"} | {float(p.name.split("-m")[1].split("-seed")[0]): p.name.split("-seed")[0]
                                for p in root.glob("smat-m*-seed*")}
-    print("#### Expert sweep\n\n" + paired_sweep(root, experts, 8.0, episodes, "M"))
+    print("#### Expert sweep\n\n" + paired_sweep(root, experts, 8.0, episodes, "M", per_doubling=True))
     if args.plot:
         means, _ = shared(root, list(taus.values()), episodes)
         if means:
