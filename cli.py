@@ -19,7 +19,23 @@ import typer.core
 import backbone as backbones
 import data
 import smat
-from rundir import RunError, one_line, reason
+
+class RunError(ValueError):
+    """A run directory, checkpoint or flag that cannot be used; the message is one line."""
+
+
+def reason(error: BaseException) -> str:
+    """The short reason of an error, for a one-line message: "No space left on device"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
+def one_line(message: str) -> str:
+    """Whitespace (newlines in a path, say) collapsed into single spaces."""
+    return " ".join(str(message).split())
+
 
 # The exceptions that mean "bad input" (a flag, a file, a folder): one line and exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (smat.ConfigError, data.DataError, backbones.BackboneError, RunError)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import smat
-from rundir import RunError
+from cli import RunError
 from smat import SMAT, Config
 
 

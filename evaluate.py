@@ -27,6 +27,7 @@ from rich.console import Console
 from torch import Tensor
 
 import cli
+import configs
 import data
 import devices
 import monitor
@@ -417,7 +418,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
     for path in written:
         console.print(f"wrote {path}.json and .md")
     for run_dir in run_dirs:  # last: a run refused anywhere above gets only its error line
-        rundir.note_filled_fields(run_dir)
+        configs.note_filled_fields(run_dir)
 
 
 def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: FinetuneMode, finetune_lr: float | None,

@@ -15,9 +15,11 @@ from typing import Literal, get_args
 import typer
 from rich.markup import escape
 
-import rundir
+import cli
+import configs
 import smat
-from rundir import RunError, read_config
+from cli import RunError
+from configs import read_config
 from smat import Config
 
 # --help shows each profile's defaults; a flag left out keeps the profile's value (or, with --resume, the run's)
@@ -80,7 +82,7 @@ def check_flags(resume: Path | None, out: Path | None, profile: str | None) -> N
 
 def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
     """Config fields from --config FILE (JSON, or TOML by its .toml suffix) and then --set KEY=VALUE
-    (each value converted by its field's type), checked as config.json is (rundir.check_fields:
+    (each value converted by its field's type), checked as config.json is (configs.check_fields:
     unknown keys, types, choices); Config itself checks the ranges. A problem is one RunError line."""
     values: dict = {}
     if config_file is not None:
@@ -95,8 +97,8 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
                 values = json.loads(text)
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise RunError(f"--config {path}: not a readable {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
-                           f"file of Config fields ({rundir.reason(error)})") from None
-        values = rundir.check_fields(Config, rundir.config_fields(values, f"--config {path}"), f"--config {path}")
+                           f"file of Config fields ({cli.reason(error)})") from None
+        values = configs.check_fields(Config, configs.config_fields(values, f"--config {path}"), f"--config {path}")
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for setting in settings:
         key, equals, raw = (part.strip() for part in setting.partition("="))
@@ -104,7 +106,7 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
             raise RunError(f"--set {setting!r}: use KEY=VALUE with a Config field as KEY, e.g. --set inner_lr=0.01")
         if key not in fields:
             raise RunError(f"--set {key}: unknown Config field; valid keys are the fields of smat.Config "
-                           f"(e.g. {', '.join(list(fields)[:6])} ...)" + rundir.closest_field(key, list(fields)))
+                           f"(e.g. {', '.join(list(fields)[:6])} ...)" + configs.closest_field(key, list(fields)))
         kind = fields[key]
         try:
             if kind is bool:
@@ -115,7 +117,7 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
                 value = int(raw) if kind is int else float(raw) if kind is float else raw
         except ValueError:
             raise RunError(f"--set {key}={raw}: not a valid {getattr(kind, '__name__', kind)}") from None
-        values[key] = rundir.check_fields(Config, {key: value}, "--set")[key]
+        values[key] = configs.check_fields(Config, {key: value}, "--set")[key]
     return values
 
 

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import cli
 import smat
-from rundir import RunError
+from cli import RunError
 
 
 class Monitor:

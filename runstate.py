@@ -18,11 +18,14 @@ import torch.distributed as dist
 
 import backbone as backbones
 import cli
+import configs
 import devices
 import rundir
 import smat
+from cli import RunError
+from configs import config_from_dict
 from devices import Processes
-from rundir import CHECKPOINT_FORMAT, RunError, atomic_save, build_model, config_from_dict, read_checkpoint
+from rundir import CHECKPOINT_FORMAT, atomic_save, build_model, read_checkpoint
 from smat import SMAT, Config, NonFiniteLoss
 
 
@@ -175,7 +178,7 @@ class Run:
 
     def snapshot(self) -> dict:
         """The model and where the run stands: all of best.pt, and checkpoint.pt without the optimiser."""
-        return {"format": CHECKPOINT_FORMAT, "config": rundir.config_record(self.cfg), "backbone_spec": self.backbone_spec,
+        return {"format": CHECKPOINT_FORMAT, "config": configs.config_record(self.cfg), "backbone_spec": self.backbone_spec,
                 "model": self.model.state_dict(), "step": self.step, "episode": self.episodes_done,
                 "best_val": self.best_val, "best_episode": self.best_episode}
 
@@ -199,12 +202,12 @@ def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sta
                 scaler.load_state_dict(state["scaler"])
             except Exception as error:
                 raise RunError(f"{out_dir / 'checkpoint.pt'}: the gradient scaler state does not fit "
-                               f"({rundir.reason(error)})") from None
+                               f"({cli.reason(error)})") from None
         run.step, run.best_val, run.best_episode = state["step"], state["best_val"], state["best_episode"]
     if procs.main:
         if state is not None:  # every check passed: say which fields an older run's config.json lacked
-            rundir.note_filled_fields(out_dir)
-        files = {"config.json": json.dumps(rundir.config_record(cfg), indent=2) + "\n"}
+            configs.note_filled_fields(out_dir)
+        files = {"config.json": json.dumps(configs.config_record(cfg), indent=2) + "\n"}
         if state is None and not (out_dir / "data.json").exists():
             files = {"data.json": rundir.manifest_text(sources)} | files  # config.json last: it marks a run
         claim.start(files)

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import evaluate  # noqa: E402  (the repository root is on the path only now)
+import cli  # noqa: E402  (the repository root is on the path only now)
+import evaluate  # noqa: E402
 import readers  # noqa: E402
 import rundir  # noqa: E402
 import smat  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             scales.append(tested_update_norm(args.norm_of) / tested_update_norm(args.run))
         out = scaled(args.run, scales, args.episodes)
     except (rundir.RunError, evaluate.EvaluateError, readers.DataError, OSError) as error:
-        print(f"error: {rundir.one_line(str(error))}", file=sys.stderr)
+        print(f"error: {cli.one_line(str(error))}", file=sys.stderr)
         return 2
     if args.norm_of is not None:
         out["matched"] = {"to": args.norm_of.name, "scale": f"{scales[-1]:g}"}

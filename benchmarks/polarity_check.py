@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data  # noqa: E402  (the repository root is on the path only now)
+import cli  # noqa: E402  (the repository root is on the path only now)
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import readers  # noqa: E402
 import rundir  # noqa: E402
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: inverted OOD avg {results['ood_avg']:.2f} (Pre {results['baselines']['Pre']['ood_avg']:.2f}); "
                   f"wrote {path}")
     except (rundir.RunError, evaluate.EvaluateError, readers.DataError, OSError) as error:
-        print(f"error: {rundir.one_line(str(error))}", file=sys.stderr)
+        print(f"error: {cli.one_line(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import backbone as backbones
+import configs
 import devices
 import evaluate
 import flags
@@ -256,7 +257,7 @@ def test_tensorboard_without_its_package_is_one_line_and_nothing_is_written(asse
 
 def test_a_runs_config_json_given_to_config_gives_back_the_same_config(tmp_path):
     cfg = Config(n_experts=3, inner_lr=0.02, teacher=False, test_protocol="variable", data="embedded@ood")
-    (tmp_path / "config.json").write_text(json.dumps(rundir.config_record(cfg)))
+    (tmp_path / "config.json").write_text(json.dumps(configs.config_record(cfg)))
 
     assert flags.make_config("cpu", flags.config_overrides(tmp_path / "config.json", []), None) == cfg
 
@@ -415,7 +416,7 @@ def test_a_run_written_before_a_field_was_added_resumes_with_its_default_and_one
     resumed, whole = parameters(tmp_path / "run"), parameters(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # the same run as one never interrupted
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["config_format"] == rundir.CONFIG_FORMAT and saved["constraint_gates"] == "test"
+    assert saved["config_format"] == configs.CONFIG_FORMAT and saved["constraint_gates"] == "test"
 
 
 def test_a_config_json_records_its_format_and_every_field(assets, tmp_path):
@@ -424,15 +425,15 @@ def test_a_config_json_records_its_format_and_every_field(assets, tmp_path):
 
     saved = json.loads((run / "config.json").read_text())
 
-    assert saved == {"config_format": rundir.CONFIG_FORMAT, **small_config(assets).to_dict()}
-    assert rundir.read_config(run) == small_config(assets)
+    assert saved == {"config_format": configs.CONFIG_FORMAT, **small_config(assets).to_dict()}
+    assert configs.read_config(run) == small_config(assets)
 
 
 def test_a_renamed_field_reads_under_its_new_name(tmp_path):
     old = {k: v for k, v in Config().to_dict().items() if k != "router_anneal_fraction"}
     (tmp_path / "config.json").write_text(json.dumps(old | {"router_anneal_tasks": 200, "episodes": 800}))
 
-    assert rundir.read_config(tmp_path).router_anneal_fraction == 0.25
+    assert configs.read_config(tmp_path).router_anneal_fraction == 0.25
 
 
 @pytest.mark.parametrize("change, words", [
@@ -442,10 +443,10 @@ def test_a_renamed_field_reads_under_its_new_name(tmp_path):
     ({"config_format": "2"}, 'config_format = "2" is not valid'),
 ])
 def test_unknown_fields_wrong_types_and_newer_formats_are_still_refused_in_one_line(change, words, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(rundir.config_record(Config()) | change))
+    (tmp_path / "config.json").write_text(json.dumps(configs.config_record(Config()) | change))
 
     with pytest.raises(rundir.RunError) as error:
-        rundir.read_config(tmp_path)
+        configs.read_config(tmp_path)
 
     assert words in str(error.value) and "\n" not in str(error.value)
 
