@@ -1,6 +1,6 @@
 """The memory-saving merge of the experts (annex): smat.py's θ_i as one autograd op, for GPU memory.
 
-You do not need this file to read SMAT. The method's merge is smat.merge_masks + smat.interpolate,
+Plumbing: you do not need this file to read SMAT. The method's merge is smat.merge_masks + smat.interpolate,
 θ_i = θ_pre + (Σ_m w_m z_m) ⊙ δ, which the CPU profile trains with. Autograd through that chain keeps
 about three M×P tensors for backward (the sigmoid, the clamp's input, z): 2.1 GB for ViT-S with 8
 experts. `Config.fused_merge` (on in the paper profile only) swaps in `MergeExperts`, the same value

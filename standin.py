@@ -1,5 +1,7 @@
 """The tiny stand-in for DINO: its pretraining corpus, and how the shipped weights were made.
 
+Plumbing: run once, to make weights/tiny.pt; training reads the committed weights.
+
 DINO ViT-S/16 never saw Omniglot, Quickdraw or any Meta-Dataset test source: it was pretrained,
 once, on other images. The stand-in keeps that property on the embedded benchmark. It is pretrained
 once, on seven procedural families that are disjoint in *structure* (and so in classes) from all
