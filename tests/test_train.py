@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import jaxtyping
@@ -25,6 +26,7 @@ import evaluate
 import flags
 import monitor
 import rundir
+import smat
 import train
 from smat import Config
 
@@ -483,6 +485,13 @@ def test_each_named_flag_is_one_parameter_named_after_its_config_field_and_none_
     assert [name for name, info in options.items() if info.hidden] == []
     assert all("[default: " in options[name].help for name in set(parameters) & set(flags.CONFIG_FIELDS))
     assert flags.given_fields({"n_experts": 4, "seed": None, "out": "x"}) == {"n_experts": 4}
+
+
+def test_the_method_flags_help_names_every_method_and_what_pmf_switches():
+    help_text = flags.METHOD_HELP
+
+    assert all(method in help_text for method in typing.get_args(smat.Method))
+    assert all(f"{field} {flags.shown(value)}" in help_text for field, value in smat.PMF_SWITCHES.items() if field != "method")
 
 
 def test_router_top_k_from_the_command_line_reaches_the_run_and_names_it(assets, tmp_path):
