@@ -39,9 +39,7 @@ import tables
 from data import Episode, Source
 from finetuning import FINETUNE_STEPS, FinetuneError, finetune_logits
 from smat import SMAT, Config
-from tables import EvaluateError, confidence_interval, paired_difference
-# the statistics tests/test_results_tables.py reads as evaluate.X (their home is tables.py)
-from tables import _averages, average_runs, difference_cell  # noqa: F401
+from tables import EvaluateError, _averages, confidence_interval, paired_difference
 
 FinetuneMode = Literal["none", "full", "lora"]
 # Candidate learning rates, tried in this order; strict ">" so lr 0 (no fine-tuning) wins ties

@@ -1,5 +1,5 @@
 """benchmarks/results_tables.py: the tables of docs/results.md, built from a results tree the test
-writes (two seeds of PMF and SMAT, zero-shot and fully fine-tuned), checked against evaluate's own
+writes (two seeds of PMF and SMAT, zero-shot and fully fine-tuned), checked against tables.py's own
 paired differences."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import evaluate
+import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"near": "id", "far": "ood", "close": "ood"}
@@ -25,10 +25,10 @@ def results(seed: int, level: float, finetune: str = "none", episodes: int = 12)
     domains = {}
     for name, split in SPLITS.items():
         accuracies = (level + 0.2 * torch.rand(episodes, generator=g)).clamp(0, 1).tolist()
-        mean, ci95 = evaluate.confidence_interval(torch.tensor(accuracies))
+        mean, ci95 = tables.confidence_interval(torch.tensor(accuracies))
         domains[name] = {"split": split, "mean": mean, "ci95": ci95, "episodes": episodes, "accuracies": accuracies,
                          "router_weights": [0.5, 0.5]} | ({"distance": DISTANCE[name]} if name in DISTANCE else {})
-    out = {"domains": domains, **evaluate._averages(domains),
+    out = {"domains": domains, **tables._averages(domains),
            "method": "x", "finetune": finetune, "partition": "test", "seed": 0, "protocol": PROTOCOL}
     if finetune != "none":
         chosen = {name: CANDIDATES[(seed + i) % len(CANDIDATES)] for i, name in enumerate(SPLITS)}
@@ -88,12 +88,12 @@ def test_the_fine_tuning_tables_hold_seed_means_paired_differences_gains_and_the
 
     section = shown.split("#### Embedded benchmark, full fine-tuning")[1].split("####")[0]
     assert "| Pre+full | PMF+full (2 seeds) | SMAT+full (2 seeds) |" in section
-    smat = evaluate.average_runs([made[("smat", 0)], made[("smat", 1)]])
-    pmf = evaluate.average_runs([made[("pmf", 0)], made[("pmf", 1)]])
-    assert evaluate.difference_cell(evaluate.paired_difference(smat, pmf)["ood_avg"]) in section
-    assert evaluate.difference_cell(evaluate.paired_difference(smat, made["Pre+full"])["id_avg"]) in section
-    gain = evaluate.paired_difference(smat, evaluate.average_runs([made[("smat", s, "zero-shot")] for s in (0, 1)]))
-    assert f"| SMAT | {evaluate.difference_cell(gain['id_avg'])} | {evaluate.difference_cell(gain['ood_avg'])} |" in section
+    smat = tables.average_runs([made[("smat", 0)], made[("smat", 1)]])
+    pmf = tables.average_runs([made[("pmf", 0)], made[("pmf", 1)]])
+    assert tables.difference_cell(tables.paired_difference(smat, pmf)["ood_avg"]) in section
+    assert tables.difference_cell(tables.paired_difference(smat, made["Pre+full"])["id_avg"]) in section
+    gain = tables.paired_difference(smat, tables.average_runs([made[("smat", s, "zero-shot")] for s in (0, 1)]))
+    assert f"| SMAT | {tables.difference_cell(gain['id_avg'])} | {tables.difference_cell(gain['ood_avg'])} |" in section
     # SMAT seed 0 chose candidates 0, 1, 2, seed 1 candidates 1, 2, 3; Pre (seed 9) 4, 0, 1 (see `results`)
     assert "| SMAT+full | 1 | 2 | 2 | 1 | 0 |" in section and "| Pre+full | 1 | 1 | 0 | 0 | 1 |" in section
 
@@ -119,22 +119,22 @@ def test_near_and_far_ood_the_sweeps_and_the_findings_are_paired_against_the_def
     shown = tables(tmp_path)
 
     main = shown.split("#### Embedded benchmark, zero-shot")[1].split("####")[0]
-    smat = evaluate.average_runs([made[("smat", 0, "zero-shot")], made[("smat", 1, "zero-shot")]])
+    smat = tables.average_runs([made[("smat", 0, "zero-shot")], made[("smat", 1, "zero-shot")]])
     pre = made[("smat", 0, "zero-shot")]["baselines"]["Pre"]
-    near = evaluate.paired_difference(smat, pre)["near_ood_avg"]
-    assert "| near OOD avg |" in main and evaluate.difference_cell(near) in main
+    near = tables.paired_difference(smat, pre)["near_ood_avg"]
+    assert "| near OOD avg |" in main and tables.difference_cell(near) in main
     sweep = shown.split("#### Sparsity sweep")[1].split("####")[0]
-    swept = evaluate.average_runs([made[("smat-s0.5", 0)], made[("smat-s0.5", 1)]])
-    assert evaluate.difference_cell(evaluate.paired_difference(swept, smat)["id_avg"]) in sweep
+    swept = tables.average_runs([made[("smat-s0.5", 0)], made[("smat-s0.5", 1)]])
+    assert tables.difference_cell(tables.paired_difference(swept, smat)["id_avg"]) in sweep
     assert "slope per unit τ" in sweep and "| 0.9 |" in sweep
     assert "| 1 |" in shown.split("#### Expert sweep")[1]
     found = shown.split("#### The paper's findings")[1].split("####")[0]
     assert found.count("| (a) SMAT > PMF on OOD |") == 2 and "(d) more experts help" in found
     assert "Real glyphs inverted (light ink on dark)" in shown and "Real glyphs as built" in shown
     ablation = shown.split("#### Ablations, one switch each")[1].split("####")[0]
-    without = evaluate.average_runs([made[("smat-noteacher", 0)], made[("smat-noteacher", 1)]])
+    without = tables.average_runs([made[("smat-noteacher", 0)], made[("smat-noteacher", 1)]])
     row = next(line for line in ablation.splitlines() if line.startswith("| SMAT without the dense teacher |"))
-    assert evaluate.difference_cell(evaluate.paired_difference(without, smat)["id_avg"]) in row
+    assert tables.difference_cell(tables.paired_difference(without, smat)["id_avg"]) in row
     # ‖θ_i − θ_pre‖: gates of log α = 0 are 0.5 (stretched: 0.5·1.2 − 0.1), weights 0.5 + 0.5, δ = 2 on 6 entries
     assert row.endswith(f"| {0.5 * 2 * 6 ** 0.5:.2f} |")
 
