@@ -98,7 +98,7 @@ def test_the_fine_tuning_tables_hold_seed_means_paired_differences_gains_and_the
     assert "| SMAT+full | 1 | 2 | 2 | 1 | 0 |" in section and "| Pre+full | 1 | 1 | 0 | 0 | 1 |" in section
 
 
-def tables(root: Path) -> str:
+def printed(root: Path) -> str:
     return subprocess.run([sys.executable, "benchmarks/results_tables.py", str(root), "--sweep-episodes", "12"],
                           cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
@@ -106,7 +106,7 @@ def tables(root: Path) -> str:
 def test_the_lr_selection_picks_the_best_mean_over_the_seeds_every_setting_has(tmp_path):
     write_tree(tmp_path)
 
-    section = tables(tmp_path).split("#### Learning-rate selection")[1].split("####")[0]
+    section = printed(tmp_path).split("#### Learning-rate selection")[1].split("####")[0]
 
     assert "| **pmf-lr0.05** | 80.90 | 81.50 | **81.20** |" in section  # best mean, not best seed 0
     assert "| pmf-lr0.1 | 70.00 | - | 70.00 |" in section  # a setting missing a seed cannot be chosen
@@ -116,7 +116,7 @@ def test_the_lr_selection_picks_the_best_mean_over_the_seeds_every_setting_has(t
 def test_near_and_far_ood_the_sweeps_and_the_findings_are_paired_against_the_default(tmp_path):
     made = write_tree(tmp_path)
 
-    shown = tables(tmp_path)
+    shown = printed(tmp_path)
 
     main = shown.split("#### Embedded benchmark, zero-shot")[1].split("####")[0]
     smat = tables.average_runs([made[("smat", 0, "zero-shot")], made[("smat", 1, "zero-shot")]])
