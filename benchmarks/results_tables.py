@@ -188,9 +188,12 @@ def episode_slopes(by_value: dict[float, dict], key: str, per_doubling: bool) ->
 
 def sweep_families(root: Path, flag: str, default: float) -> dict[float, str]:
     """{value: run family} of a sweep: the default is the main runs (`smat`), the others
-    `smat-<flag><value>` (flag "s" for τ, "m" for M)."""
-    return {default: "smat"} | {float(p.name.split("-seed")[0].removeprefix(f"smat-{flag}")): p.name.split("-seed")[0]
-                                for p in root.glob(f"smat-{flag}[0-9]*-seed*")}
+    `smat-<flag><value>` (flag "s" for τ, "m" for M), each only once it has every seed the main runs
+    have (a sweep point still running would otherwise shrink every comparison to its seeds)."""
+    families = {float(p.name.split("-seed")[0].removeprefix(f"smat-{flag}")): p.name.split("-seed")[0]
+                for p in root.glob(f"smat-{flag}[0-9]*-seed*")}
+    complete = seeds_of(root, "smat").keys()
+    return {default: "smat"} | {v: f for v, f in families.items() if seeds_of(root, f).keys() >= complete}
 
 
 def seed_slope_row(root: Path, families: dict[float, str], key: str, episodes: int, per_doubling: bool) -> tuple:
