@@ -159,24 +159,31 @@ def _shapes(rng, n_classes, n_images, res):
     return in_chunks(render, pose, amp, phase, hole)
 
 
-def _constellations(rng, n_classes, n_images, res):
-    """Dot constellations: a class is 5-7 dots (positions and radii); instances jitter every dot."""
+def point_layouts(rng: np.random.Generator, n_classes: int, n_images: int,
+                  sizes: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A class is 5-7 points (positions and sizes in `sizes`); an instance jitters every point and
+    rescales it: (centres (n, 7, 2), size (n, 7), present (n, 7)) over n = n_classes·n_images images."""
     n_dots = 7
     centres = rng.uniform(-0.7, 0.7, (n_classes, n_dots, 2))
-    radius = rng.uniform(0.07, 0.15, (n_classes, n_dots))
+    size = rng.uniform(*sizes, (n_classes, n_dots))
     present = rng.uniform(size=(n_classes, n_dots)) < 0.8
     present[:, :5] = True
     n = n_classes * n_images
     centres = np.repeat(centres, n_images, 0) + rng.normal(0, 0.04, (n, n_dots, 2))
-    radius = np.repeat(radius, n_images, 0) * rng.uniform(0.85, 1.15, (n, n_dots))
-    present = np.repeat(present, n_images, 0)
+    size = np.repeat(size, n_images, 0) * rng.uniform(0.85, 1.15, (n, n_dots))
+    return centres, size, np.repeat(present, n_images, 0)
+
+
+def _constellations(rng, n_classes, n_images, res):
+    """Dot constellations: a class is 5-7 dots (positions and radii); instances jitter every dot."""
+    centres, radius, present = point_layouts(rng, n_classes, n_images, (0.07, 0.15))
 
     def render(pose, centres, radius, present):
         x, y = object_coords(pose, res)
         dist = np.hypot(x[:, None] - centres[..., 0, None, None], y[:, None] - centres[..., 1, None, None])
         return (soft_edge(radius[..., None, None] - dist, res) * present[..., None, None]).max(1)
 
-    pose = random_poses(rng, n, 0.4, (0.85, 1.1), 0.15)
+    pose = random_poses(rng, len(present), 0.4, (0.85, 1.1), 0.15)
     return in_chunks(render, pose, centres, radius, present)
 
 
@@ -341,15 +348,7 @@ def _stars(rng, n_classes, n_images, res):
 def _specks(rng, n_classes, n_images, res):
     """Near OOD to constellations: a class is 5-7 points, each drawn as a small filled square turned
     with the pose instead of a disc, dark on light (the polarity flip is applied by EMBEDDED_DOMAINS)."""
-    n_dots = 7
-    centres = rng.uniform(-0.7, 0.7, (n_classes, n_dots, 2))
-    size = rng.uniform(0.06, 0.12, (n_classes, n_dots))  # half the side
-    present = rng.uniform(size=(n_classes, n_dots)) < 0.8
-    present[:, :5] = True
-    n = n_classes * n_images
-    centres = np.repeat(centres, n_images, 0) + rng.normal(0, 0.04, (n, n_dots, 2))
-    size = np.repeat(size, n_images, 0) * rng.uniform(0.85, 1.15, (n, n_dots))
-    present = np.repeat(present, n_images, 0)
+    centres, size, present = point_layouts(rng, n_classes, n_images, (0.06, 0.12))  # size: half the side
 
     def render(pose, centres, size, present):
         x, y = object_coords(pose, res)
@@ -357,7 +356,7 @@ def _specks(rng, n_classes, n_images, res):
                          np.abs(y[:, None] - centres[..., 1, None, None]))  # L∞ distance: a square
         return (soft_edge(size[..., None, None] - box, res) * present[..., None, None]).max(1)
 
-    pose = random_poses(rng, n, 0.4, (0.85, 1.1), 0.15)
+    pose = random_poses(rng, len(present), 0.4, (0.85, 1.1), 0.15)
     return in_chunks(render, pose, centres, size, present)
 
 

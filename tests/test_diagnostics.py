@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import backbone as backbones
+from assets import make_assets
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,19 +32,7 @@ EPISODES = 3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A SMAT and a PMF run on one ID and one OOD folder domain, each with its final test."""
-    base = tmp_path_factory.mktemp("scaling")
-    rng = np.random.default_rng(0)
-    for domain in ("alpha", "beta"):
-        for c in range(30):
-            folder = base / domain / f"class{c}"
-            folder.mkdir(parents=True)
-            colour = rng.integers(0, 256, 3)
-            for i in range(8):
-                Image.fromarray(np.clip(colour + rng.normal(0, 50, (16, 16, 3)), 0, 255).astype(np.uint8)).save(
-                    folder / f"{i}.png")
-    torch.manual_seed(0)
-    vit = backbones.VisionTransformer(backbones.ViTSpec(patch_size=8, dim=16, depth=1, heads=2, grid_size=2))
-    backbones.save_backbone(vit, base / "vit.pt", {"note": "random test backbone"})
+    base = make_assets(tmp_path_factory.mktemp("scaling"))
     common = ["--data", f"folder:{base / 'alpha'}@id,folder:{base / 'beta'}@ood", "--backbone", str(base / "vit.pt"),
               "--set", "image_size=16", "--episodes", "8", "--set", "meta_batch=2", "--test-episodes", str(EPISODES),
               "--set", "train_ways=3", "--set", "train_shots=2", "--set", "train_queries=2", "--set", "test_ways=3",

@@ -23,40 +23,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (--repin) from the repository root
     sys.path.insert(0, str(ROOT))
 
-import backbone as backbones  # noqa: E402
 import train  # noqa: E402
+from assets import make_assets  # noqa: E402
 from smat import Config  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden.json")
 TIMING = {"episodes_per_second", "peak_memory_gib", "seconds"}  # measured, never pinned
 NOT_NUMBERS = {"provenance", "config", "data", "variant"}  # results.json entries that are no result (paths, labels)
-
-
-def make_assets(base: Path) -> Path:
-    """Two small image-folder domains (one ID, one OOD) and a small random ViT file, as tests/test_train.py."""
-    rng = np.random.default_rng(0)
-    for domain in ("alpha", "beta"):
-        for c in range(30):
-            folder = base / domain / f"class{c}"
-            folder.mkdir(parents=True)
-            colour = rng.integers(0, 256, 3)
-            for i in range(20):
-                image = np.clip(colour + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(image).save(folder / f"{i}.png")
-    torch.manual_seed(0)
-    vit = backbones.VisionTransformer(backbones.ViTSpec(patch_size=8, dim=16, depth=1, heads=2, grid_size=2))
-    backbones.save_backbone(vit, base / "vit.pt", {"note": "random test backbone"})
-    return base
 
 
 def golden_config(assets: Path, method: str) -> Config:

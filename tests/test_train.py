@@ -12,10 +12,8 @@ import typing
 from pathlib import Path
 
 import jaxtyping
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -28,6 +26,7 @@ import monitor
 import rundir
 import smat
 import train
+from assets import make_assets
 from smat import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,20 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def assets(tmp_path_factory):
     """Two small image-folder domains (one ID, one OOD; 30 classes of 20 images, enough for the default
     5-way 5-shot 15-query test episodes) and a small random ViT saved as a backbone file."""
-    base = tmp_path_factory.mktemp("assets")
-    rng = np.random.default_rng(0)
-    for domain in ("alpha", "beta"):
-        for c in range(30):
-            folder = base / domain / f"class{c}"
-            folder.mkdir(parents=True)
-            colour = rng.integers(0, 256, 3)
-            for i in range(20):
-                image = np.clip(colour + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(image).save(folder / f"{i}.png")
-    torch.manual_seed(0)
-    vit = backbones.VisionTransformer(backbones.ViTSpec(patch_size=8, dim=16, depth=1, heads=2, grid_size=2))
-    backbones.save_backbone(vit, base / "vit.pt", {"note": "random test backbone"})
-    return base
+    return make_assets(tmp_path_factory.mktemp("assets"))
 
 
 def data_flag(assets: Path) -> str:
