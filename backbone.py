@@ -339,7 +339,7 @@ def resolve_backbone(spec: str) -> VisionTransformer:
     """The frozen θ_pre, from `--backbone`:
 
     - "tiny": the committed stand-in for DINO (weights/tiny.pt), pretrained once on a procedural
-      corpus disjoint from every benchmark domain (standin.py, docs/benchmark.md);
+      corpus disjoint from every ID domain (standin.py, docs/benchmark.md);
     - "vit_small_patch16" / "vit_base_patch16": the official DINO weights (download), or
       "vit_small_patch16:PATH" for a local copy of them;
     - a path to a file written by save_backbone.
