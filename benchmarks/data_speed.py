@@ -132,7 +132,7 @@ def main() -> None:
         if "embedded" in wanted or not args.only_workers:
             start = time.perf_counter()
             embedded = benchmark.embedded_sources(benchmark.EMBEDDED_SEED, cache_dir=Path(tmp))
-            print(f"embedded build (8 domains x 100 classes x 20 images, 32 px, cold): "
+            print(f"embedded build ({len(embedded)} domains x 100 classes x 20 images, 32 px, cold): "
                   f"{time.perf_counter() - start:.1f} s")
             if not args.only_workers:
                 single_process_table(embedded, Path(tmp), args.episodes)

@@ -74,16 +74,24 @@ def selection_table(scores: dict[str, dict[int, float]]) -> str:
     return "\n".join(rows) + "\n\nBest ID-validation accuracy (%) of each run; bold: the chosen setting.\n"
 
 
+def seed_differences(a: dict[int, dict], b: dict[int, dict], key: str) -> list[float]:
+    """a_s − b_s of one average, for every seed both have."""
+    return [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s].get(key) is not None]
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """Mean and t_{0.975, S-1}·sd/√S half-width over S seeds (None for fewer than 2)."""
+    if len(values) < 2:
+        return None
+    return statistics.fmean(values), T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+
+
 def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
     """Per-seed differences of the averages (a_s − b_s, seeds both have), and their t-interval over seeds."""
-    differences = [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s][key] is not None]
-    if not differences:
-        return "-"
+    differences = seed_differences(a, b, key)
     cells = ", ".join(f"{d:+.2f}" for d in differences)
-    if len(differences) < 2:
-        return cells
-    half = T_975[len(differences) - 1] * statistics.stdev(differences) / len(differences) ** 0.5
-    return f"{statistics.fmean(differences):+.2f} ± {half:.2f} (seeds: {cells})"
+    interval = t_interval(differences)
+    return f"{interval[0]:+.2f} ± {interval[1]:.2f} (seeds: {cells})" if interval else cells or "-"
 
 
 def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: str, mode: str = "") -> str:
@@ -155,12 +163,12 @@ def sparsity_rows(runs: dict[int, dict]) -> str:
             f"{statistics.fmean(r['task_update_density'] for r in reports):.3f}")
 
 
+KEYS = ("id_avg", "near_ood_avg", "far_ood_avg")  # the averages the findings are about
+
+
 def split_cells(results: dict) -> str:
     """ "ID | near OOD | far OOD" averages of a results dict."""
     return " | ".join(f"{results[k]:.2f}" if results.get(k) is not None else "-" for k in KEYS)
-
-
-KEYS = ("id_avg", "near_ood_avg", "far_ood_avg")  # the averages the findings are about
 
 
 def shared(root: Path, prefixes: list[str], episodes: int) -> dict[str, dict]:
@@ -206,10 +214,9 @@ def seed_slope_row(root: Path, families: dict[float, str], key: str, episodes: i
         return None
     per_seed = [episode_slopes({v: first(r[s], episodes) for v, r in runs.items()}, key, per_doubling).mean().item()
                 for s in seeds]
-    half = T_975[len(seeds) - 1] * statistics.stdev(per_seed) / len(seeds) ** 0.5
     means = {v: tables.average_runs([first(r[s], episodes) for s in seeds]) for v, r in runs.items()}
     mean, ci95 = tables.confidence_interval(episode_slopes(means, key, per_doubling) / 100)
-    return (statistics.fmean(per_seed), half), f"{mean:+.2f} ± {ci95:.2f}", seeds
+    return t_interval(per_seed), f"{mean:+.2f} ± {ci95:.2f}", seeds
 
 
 def paired_sweep(root: Path, values: dict[float, str], reference: float, episodes: int, name: str,
@@ -268,14 +275,6 @@ def scaling_table(root: Path, seeds: list[int], episodes: int) -> str:
             f"domain, seed means, paired 95% CIs against SMAT as trained (s = 1).\n")
 
 
-def seed_level(a: dict[int, dict], b: dict[int, dict], key: str) -> tuple[float, float] | None:
-    """Mean and t half-width over seeds of a_s − b_s for one average (None without 2 shared seeds)."""
-    differences = [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s].get(key) is not None]
-    if len(differences) < 2:
-        return None
-    return statistics.fmean(differences), T_975[len(differences) - 1] * statistics.stdev(differences) / len(differences) ** 0.5
-
-
 def verdict(seed_ci: tuple[float, float] | None, sign: int) -> str:
     """The paper's direction `sign` holds when the seed-level interval excludes 0 on that side; a tie
     (`sign` 0) holds when it includes 0."""
@@ -331,7 +330,7 @@ def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict],
     inverted = {m: seeds_of(root, m, "polarity-inverted-*.json") for m in ("smat", "pmf")}
 
     def row(finding, label, a, b, a_mean, b_mean, key, sign):
-        seed_ci = seed_level(a, b, key)
+        seed_ci = t_interval(seed_differences(a, b, key))
         episode = tables.difference_cell(tables.paired_difference(a_mean, b_mean).get(key))
         cell = f"{seed_ci[0]:+.2f} ± {seed_ci[1]:.2f}" if seed_ci else "-"
         rows.append(f"| {finding} | {label} | {cell} | {episode} | {verdict(seed_ci, sign)} |")
