@@ -88,3 +88,16 @@ def test_inverted_domains_hold_the_same_episodes_with_every_pixel_inverted(runs)
     assert polarity_check.main([str(runs["pmf"]), "--episodes", str(EPISODES)]) == 0
     written = json.loads((runs["pmf"] / f"polarity-inverted-{EPISODES}ep.json").read_text())
     assert list(written["domains"]) == ["beta"] and written["baselines"]["Pre"]["method"] == "pre"
+
+
+def test_the_frechet_distance_is_zero_for_one_sample_and_the_squared_shift_for_a_shifted_copy():
+    domain_distance = script("domain_distance")
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    shift = torch.tensor([3.0, 0.0, -1.0, 0.0, 0.0, 2.0], dtype=torch.float64)
+
+    assert domain_distance.frechet(features, features) == pytest.approx(0.0, abs=1e-6)
+    assert domain_distance.frechet(features, features + shift) == pytest.approx(shift.pow(2).sum().item(), rel=1e-6)
+    # doubled: mean 2μ and covariance 4Σ, so ‖μ‖² + Tr(Σ + 4Σ − 2·2Σ) = ‖μ‖² + Tr Σ
+    expected = features.mean(0).pow(2).sum() + features.T.cov().trace()
+    assert domain_distance.frechet(features, 2 * features) == pytest.approx(expected.item(), rel=1e-6)
