@@ -20,6 +20,10 @@ import smat
 from cli import RunError
 
 
+METRICS_FORMAT = 2  # in every start record: format 2 logs accuracies in percent (format 1, no marker: fractions)
+PERCENT_FIELDS = ("accuracy", "teacher_accuracy", "teacher_lead", "pretrained_accuracy")  # smat.py's fractions
+
+
 class Monitor:
     """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
     When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
@@ -42,7 +46,7 @@ class Monitor:
         self.bar.__enter__()
         cfg = self.run.cfg
         if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
-            self._append({"episode": self.run.episodes_done, "start": self.setting})
+            self._append({"episode": self.run.episodes_done, "start": self.setting, "metrics_format": METRICS_FORMAT})
         self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
                                       completed=self.run.episodes_done, stats="")
         return self
@@ -114,7 +118,8 @@ def log_record(run, batch: smat.MetaBatch, rate: float, lr: float) -> dict:
     cfg, model, sparsity = run.cfg, run.model, batch.sparsity
     record = {"step": run.step, "episode": run.episodes_done,
               "lr_scale": lr}
-    record |= {k: round(v.item(), 5) for k, v in batch.stats.items()}
+    record |= {k: round(100 * v.item(), 3) if k in PERCENT_FIELDS else round(v.item(), 5)  # percent, as val and test
+               for k, v in batch.stats.items()}
     if cfg.has_masks:
         record |= {
             "sparsity": [round(s, 4) for s in sparsity.tolist()],
@@ -130,6 +135,20 @@ def log_record(run, batch: smat.MetaBatch, rate: float, lr: float) -> dict:
     return record
 
 
+def in_percent(records: list[dict]) -> list[dict]:
+    """metrics.jsonl's records with every accuracy in percent: a session whose start record carries no
+    metrics_format (written before format 2) logged PERCENT_FIELDS as fractions, so they are scaled
+    from its start record to the next one; a file with no start record at all is that old too."""
+    converted, scale = [], 100
+    for record in records:
+        if "start" in record:
+            marker = record.get("metrics_format")
+            scale = 1 if isinstance(marker, int) and marker >= 2 else 100
+        converted.append(record | {k: v * scale for k, v in record.items()
+                                   if k in PERCENT_FIELDS and isinstance(v, (int, float))})
+    return converted
+
+
 def plain_line(run, record: dict) -> str:
     """One log step as a plain line: "smat episode 120/800 (15%) ETA 0:01:30 loss 1.2 ce 1.1 acc ..."."""
     total, rate = run.total_steps * run.cfg.meta_batch, record["episodes_per_second"]
@@ -141,9 +160,9 @@ def plain_line(run, record: dict) -> str:
 
 
 def short_stats(r: dict) -> str:
-    text = f"acc {r['accuracy']:.2f}"
+    text = f"acc {r['accuracy']:.1f}%"
     if "teacher_accuracy" in r:
-        text += f" teacher {r['teacher_accuracy']:.2f}"
+        text += f" teacher {r['teacher_accuracy']:.1f}%"
     if "sparsity_mean" in r:
         text += (f" sparsity {r['sparsity_mean']:.2f}±{r['sparsity_std']:.2f} λ {r['multiplier_mean']:.3f}"
                  f" H(w) {r['router_entropy']:.2f}")

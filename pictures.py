@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import monitor
 import rundir
 from tables import EvaluateError, split_average
 
@@ -155,7 +156,8 @@ def plot_mask_overlap(results: dict, path: Path) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped), or an EvaluateError line."""
+    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped), accuracies in percent
+    whichever format wrote them (monitor.in_percent), or an EvaluateError line."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
@@ -172,7 +174,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
             records.append(record)
     if not records:
         raise EvaluateError(f"{path} holds no training records yet; draw the curves once the run has logged")
-    return records
+    return monitor.in_percent(records)
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "", target: float | None = None) -> None:
@@ -183,7 +185,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "", target: float 
     plt = pyplot()
     train = [r for r in records if "loss" in r]
     figure, grid = plt.subplots(2, 3, figsize=(13, 6.5))
-    panels = [("loss", ("loss", "ce")), ("query accuracy", ("accuracy", "pretrained_accuracy")),
+    panels = [("loss", ("loss", "ce")), ("query accuracy %", ("accuracy", "pretrained_accuracy")),
               ("sparsity per expert", ("sparsity",)), ("mean λ (multiplier_mean)", ("multiplier_mean",)),
               ("router entropy (nats)", ("router_entropy",)), ("validation accuracy %", ("val_accuracy",))]
     for axes, (name, fields) in zip(grid.flat, panels):

@@ -64,6 +64,7 @@ def test_a_run_directory_holds_config_metrics_checkpoints_and_results(assets, tm
     assert torch.load(run / "checkpoint.pt", weights_only=True)["episode"] == 8
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("sparsity_mean" in line for line in lines) and any("val_accuracy" in line for line in lines)
+    assert lines[0]["metrics_format"] == monitor.METRICS_FORMAT  # its accuracies are in percent
     results = json.loads((run / "results.json").read_text())
     assert set(results["domains"]) == {"alpha", "beta"}
     assert set(results["baselines"]["Pre"]["domains"]) == {"alpha", "beta"}  # Pre on the same episodes
