@@ -78,3 +78,142 @@ def test_curves_of_an_old_run_draw_its_accuracy_in_percent(tmp_path, figures):
     (accuracy,) = [a for a in figures[0].axes if a.get_title().startswith("query accuracy")]
     values = [y for line in accuracy.get_lines() for y in line.get_ydata()]
     assert min(values) == 50.0 and max(values) == 62.5
+
+
+# --- pictures: each says what it shows, on a scale that does not exaggerate ------------------------------
+
+
+def fabricated_results(method: str = "smat", experts: int = 3) -> dict:
+    """A results dict as evaluate.evaluate_model writes one: two domains, and for SMAT the experts' masks
+    (kept fraction per tensor, pooled overlap, parameter counts, hard sparsity)."""
+    weights = [[round((m + 1 + d) / sum(range(1 + d, experts + 1 + d)), 4) for m in range(experts)] for d in (0, 1)]
+    results = {"method": method, "domains": {
+        "glyphs": {"split": "id", "mean": 70.0, "ci95": 1.0, "router_weights": weights[0],
+                   "accuracies": [68.0, 70.0, 72.0]},
+        "rosettes": {"split": "ood", "mean": 60.0, "ci95": 1.2, "router_weights": weights[1],
+                     "accuracies": [58.0, 60.0, 62.0]}}}
+    if method == "smat":
+        kept = {"blocks.0.attn.qkv.weight": [0.12, 0.2, 0.33][:experts], "blocks.0.mlp.fc1.weight": [0.1, 0.15, 0.3][:experts]}
+        overlap = [[1.0 if a == b else 0.25 for b in range(experts)] for a in range(experts)]
+        results["experts"] = {"kept_fraction": kept, "overlap": overlap,
+                              "parameters": {"blocks.0.attn.qkv.weight": 300, "blocks.0.mlp.fc1.weight": 100}}
+        results["sparsity"] = {"per_expert": [0.9, 0.8, 0.7][:experts]}
+    return results
+
+
+def colour_bar_labels(figure) -> list[str]:
+    return [a.get_ylabel() for a in figure.axes if a.get_label() == "<colorbar>"]
+
+
+@pytest.mark.parametrize("method, experts", [("pmf", 1), ("smat", 1)])
+def test_a_model_without_a_router_gets_no_router_heat_map_but_one_line_saying_why(method, experts, figures,
+                                                                               tmp_path, capsys):
+    pictures.plot_router_weights(fabricated_results(method, experts), tmp_path / "router_weights.png")
+
+    assert figures == [] and not (tmp_path / "router_weights.png").exists()
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "no router_weights.png" in said[0] and ("pmf has no router" in said[0]) == (method == "pmf")
+
+
+def test_the_router_heat_map_labels_its_colour_bar_with_the_uniform_weight(figures, tmp_path):
+    pictures.plot_router_weights(fabricated_results(), tmp_path / "router_weights.png")
+
+    (figure,) = figures
+    assert colour_bar_labels(figure) == ["mean merging weight w (uniform: 1/3 = 0.333)"]
+
+
+def test_chance_overlap_is_what_independent_masks_with_those_keep_rates_share():
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    masks = torch.rand(2, 200_000, generator=generator, dtype=torch.float64) < keep[:, None]
+    jaccard = (masks[0] & masks[1]).sum() / (masks[0] | masks[1]).sum()
+
+    chance = pictures.chance_overlap(keep)
+
+    assert chance[0, 1].item() == pytest.approx(0.03 / 0.37) and chance[1, 0] == chance[0, 1]
+    assert jaccard.item() == pytest.approx(chance[0, 1].item(), abs=0.003)
+
+
+def test_mask_overlap_is_coloured_against_chance_on_the_whole_possible_range(figures, tmp_path):
+    results = fabricated_results()
+
+    pictures.plot_mask_overlap(results, tmp_path / "mask_overlap.png")
+
+    (figure,) = figures
+    axes = figure.axes[0]
+    (image,) = axes.get_images()
+    chance = pictures.chance_overlap(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    assert image.get_clim() == (-1, 1)
+    assert image.get_array()[0, 1] == pytest.approx(0.25 - chance[0, 1].item())
+    assert colour_bar_labels(figure) == ["overlap − chance"]
+    assert f"{chance[0, 1].item():.3f}-{chance[1, 2].item():.3f}" in axes.get_title()
+    assert sorted(t.get_text() for t in axes.texts) == ["0.25"] * 6  # the overlap itself, diagonal blank
+
+
+def test_kept_fraction_uses_a_colour_scale_fitted_to_its_values_and_says_so(figures, tmp_path):
+    pictures.plot_kept_fraction(fabricated_results(), tmp_path / "kept_fraction.png")
+
+    (figure,) = figures
+    images = [image for axes in figure.axes for image in axes.get_images()]
+    assert len(images) == 3 and all(image.get_clim() == (0.1, 0.35) for image in images)
+    assert colour_bar_labels(figure) == ["kept fraction (z > 0); scale 0.1-0.35, fitted to the data"]
+
+
+def test_sweep_labels_sit_in_the_margin_beside_the_points_not_on_them(figures, tmp_path):
+    sweep = {0.5: fabricated_results(), 0.9: fabricated_results()}
+
+    pictures.plot_sparsity_sweep(sweep, tmp_path / "sweep.png", references={"Pre": fabricated_results()})
+
+    (figure,) = figures
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    labels = [text for text in axes.texts if text.get_text().startswith("Pre")]
+    assert len(labels) == 2
+    assert all(label.get_window_extent().x0 > axes.get_window_extent().x1 for label in labels)
+
+
+def training_records(smat_run: bool, lines: int = 20) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    records = [{"episode": 0, "start": {"device": "cpu"}, "metrics_format": monitor.METRICS_FORMAT}]
+    for k in range(1, lines + 1):
+        noise = torch.rand(2, generator=generator).tolist()
+        record = {"step": k, "episode": 4 * k, "loss": 1.5 - k / 40 + noise[0], "ce": 1.4 - k / 40,
+                  "accuracy": 50 + k + 20 * noise[1], "pretrained_accuracy": 50.0}
+        if smat_run:
+            record |= {"sparsity": [min(0.9, 0.05 * k)] * 2, "multiplier_mean": 0.01 * k, "router_entropy": 0.69}
+        records.append(record)
+    return records + [{"episode": 4 * lines, "val_accuracy": 61.0}]
+
+
+@pytest.mark.parametrize("smat_run, titles", [
+    (False, ["loss (nats)", "query accuracy %", "validation accuracy %"]),
+    (True, ["loss (nats)", "query accuracy %", "sparsity per expert", "mean λ (multiplier_mean)",
+            "router entropy (nats)", "validation accuracy %"])])
+def test_training_curves_draw_only_the_panels_the_run_logged(smat_run, titles, figures, tmp_path):
+    pictures.plot_curves(training_records(smat_run), tmp_path / "curves.png", target=0.9)
+
+    (figure,) = figures
+    assert [a.get_title().split("\n")[0] for a in figure.axes] == titles
+    assert not any("not logged" in t.get_text() for a in figure.axes for t in a.texts)
+
+
+def test_noisy_training_curves_are_a_moving_average_over_the_faint_raw_values(figures, tmp_path):
+    records = training_records(smat_run=False)
+
+    pictures.plot_curves(records, tmp_path / "curves.png")
+
+    accuracy = next(a for a in figures[0].axes if a.get_title().startswith("query accuracy %"))
+    raw, smooth = [line for line in accuracy.get_lines() if line.get_color() == "tab:blue"]
+    values = [r["accuracy"] for r in records if "accuracy" in r]
+    assert list(raw.get_ydata()) == values and raw.get_alpha() < 0.5
+    assert list(smooth.get_ydata()) == pytest.approx([sum(values[:5]) / 5, sum(values[:6]) / 6]
+                                                     + pictures.moving_average(values)[2:])
+    assert smooth.get_ydata()[10] == pytest.approx(sum(values[6:15]) / 9)
+    assert f"moving average of {pictures.WINDOW} log lines" in accuracy.get_title()
+
+
+def test_missing_matplotlib_names_the_install_from_the_repository_root(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+
+    with pytest.raises(pictures.EvaluateError, match=r"pip install -e '\.\[plots\]' from the repository root"):
+        pictures.pyplot()
