@@ -464,7 +464,7 @@ def h5_source(directory: Path, split: Split | None = None, max_open: int = 64) -
     try:
         import h5py  # noqa: F401  (optional extra)
     except ImportError:
-        raise DataError("h5 sources need h5py; install it with pip install 'smat-reference[h5]'") from None
+        raise DataError("h5 sources need h5py: pip install -e '.[h5]' from the repository root") from None
     spec_path = directory / "dataset_spec.json"
     if not spec_path.is_file():
         raise DataError(f"{spec_path} does not exist; expected a Meta-Dataset source folder in PMF's h5 "
