@@ -3,8 +3,9 @@
 Plumbing. What both command lines promise: bad input (`USER_ERRORS`) is one line `error: ...` on
 stderr and exit code 2, never a traceback (`fail`, `OneLineCommand` for click's own usage errors);
 Ctrl-C is one line and exit code 130 (`Interrupted`); a closed or full stdout never costs finished
-work and a character the terminal cannot encode is written in ASCII (`OutputStream`, `run_cli`).
-docs/reliability.md lists the cases and their tests.
+work and a character the terminal cannot encode is written in ASCII (`OutputStream`, `run_cli`); off
+a terminal (a file, a pipe) no table, path or --help line is squeezed, cut or broken (`console`,
+`OneLineCommand.format_help`). docs/reliability.md lists the cases and their tests.
 """
 
 import codecs
@@ -15,6 +16,8 @@ import unicodedata
 
 import typer
 import typer.core
+import typer.rich_utils
+from rich.console import Console
 
 import backbone as backbones
 import data
@@ -61,16 +64,48 @@ def os_error_line(error: OSError) -> str:
 USAGE_ERROR = typer.BadParameter.__bases__[0]
 
 
+# Off a terminal (a log file, a pipe, nohup, SLURM) rich lays everything out in 80 columns: a table's
+# cells split over two lines, headers cut, a path broken mid-name. This width is beyond any table or
+# line the commands print, so each keeps its natural width.
+UNLIMITED_WIDTH = 10_000
+# --help off a terminal: typer draws its option panels as wide as the console, so it needs a finite
+# width, one at which no option row of train.py or evaluate.py wraps (their widest is 229 columns).
+HELP_WIDTH = 240
+
+
+def console(stderr: bool = False) -> Console:
+    """The rich Console of a command line's stdout (or stderr), the one place that decides its width:
+    on a terminal, the terminal's (rich's own choice); off one, unlimited and never wrapping, so a
+    table takes its natural width and a line is written as it was printed."""
+    out = Console(stderr=stderr)
+    if not out.is_terminal:
+        out.width, out.soft_wrap = UNLIMITED_WIDTH, True
+    return out
+
+
 class OneLineCommand(typer.core.TyperCommand):
     """A Typer command whose usage errors (an unknown flag, a missing value, `--experts two`, a value
     outside a flag's choices) are one line and exit code 2, like every other bad input, instead of
-    click's multi-line usage box: `@app.command(cls=OneLineCommand)`."""
+    click's multi-line usage box, and whose --help is whole in a pipe or a file:
+    `@app.command(cls=OneLineCommand)`."""
 
     def parse_args(self, ctx, args):
         try:
             return super().parse_args(ctx, args)
         except USAGE_ERROR as error:
             fail(error.format_message())
+
+    def format_help(self, ctx, formatter):
+        """Off a terminal (`--help | less`, a file) typer would lay the help out in 80 columns and cut
+        flag names (`--checkpoint-eve…`): there it gets HELP_WIDTH. A terminal keeps its own width, and
+        TERMINAL_WIDTH, typer's own setting, wins where it is set."""
+        if typer.rich_utils.MAX_WIDTH is not None or Console().is_terminal:
+            return super().format_help(ctx, formatter)
+        typer.rich_utils.MAX_WIDTH = HELP_WIDTH
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            typer.rich_utils.MAX_WIDTH = None
 
 
 # Characters the tables and the progress line use, for a stream that cannot encode them.

@@ -71,7 +71,7 @@ def meta_train(
     metrics.jsonl's records as TensorBoard scalars into RUN/tensorboard/.
     """
     # --- plumbing: every check before anything is written, then the run directory claimed ---
-    console = console or Console(stderr=False)
+    console = console or cli.console()
     if tensorboard:
         summary_writer()  # the extra is installed
     procs = devices.processes(device, cfg)
@@ -81,6 +81,8 @@ def meta_train(
     id_sources = [s for s in sources if s.split == "id"]
     vit = None if resume else runstate.checked_backbone(cfg, procs)  # a resumed run's model is in its checkpoint
     claim, out_dir = runstate.claim_run_directory(cfg, out_dir, resume, procs)
+    if procs.main:
+        cli.print_line(console, f"run directory: {out_dir}")
     with runstate.interrupted_says_where(out_dir, claim, resume), claim or nullcontext():
         state = runstate.previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
         procs = devices.init_distributed(procs)
@@ -125,6 +127,7 @@ def meta_train(
                     dist.barrier()
         if procs.main and run.step == run.total_steps and evaluate_at_end:
             final_evaluation(out_dir, sources, procs.device, console)
+            cli.print_line(console, f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return out_dir
 
 
