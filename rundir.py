@@ -7,6 +7,7 @@ This module keeps what both command lines promise about them:
 
 - one process at a time: a run directory is claimed (`RunDirectory`) for a run's lifetime;
 - nothing half-written: every file is written to a temporary name and renamed (`atomic_save`);
+- nothing logged twice: a resumed run cuts metrics.jsonl back to its checkpoint (`cut_log`);
 - nothing read back unchecked: keys, types, shapes and finiteness of config.json, data.json and the
   checkpoints are checked before use (`read_checkpoint`, `check_classes`; config.json through
   configs.py, where runs written before a Config field existed read its default);
@@ -82,6 +83,47 @@ def atomic_save(obj: object, path: Path) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+# --- metrics.jsonl cut back to where a resumed run continues ------------------------------------
+
+
+def standing(records: list[dict], until: int | None = None) -> list[bool]:
+    """Which records of an append-only log of sessions (metrics.jsonl) stand. A killed process logs on
+    past its last checkpoint, and the next session, which starts there, logs those episodes again: so a
+    record whose episode lies past a later session's "start" record does not stand, nor, with `until`
+    (where a resumed run continues), one past `until`. A record without an integer episode stands."""
+    limit, keep = until if until is not None else float("inf"), []
+    for record in reversed(records):  # a record must not lie past any later session's start
+        episode = record.get("episode")
+        keep.append(type(episode) is not int or episode <= limit)
+        if type(episode) is int and "start" in record:
+            limit = min(limit, episode)
+    return keep[::-1]
+
+
+def _json_object(line: bytes) -> dict:
+    try:
+        value = json.loads(line)
+    except ValueError:  # not JSON, or not text
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def cut_log(path: Path, episode: int) -> None:
+    """Cut the log at `path` (metrics.jsonl) back to `episode`, where a resumed run continues: the
+    records that do not stand (`standing`) and a last line a killed process left half-written go, every
+    other line stays byte for byte, so each episode is logged once and in order. Rewritten whole
+    (write_atomically), and only when something goes; a missing log stays missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    text = path.read_bytes()
+    lines = [line + b"\n" for line in text.split(b"\n")[:-1]]  # the part after the last newline is half a line
+    kept = b"".join(line for line, keep in zip(lines, standing([_json_object(line) for line in lines], episode))
+                    if keep)
+    if kept != text:
+        write_atomically(path, lambda tmp: tmp.write_bytes(kept))
 
 
 # --- claiming a run directory: one process at a time ------------------------------------------------

@@ -207,6 +207,7 @@ def start_run(cfg: Config, out_dir: Path, claim: rundir.RunDirectory | None, sta
     if procs.main:
         if state is not None:  # every check passed: say which fields an older run's config.json lacked
             configs.note_filled_fields(out_dir)
+        rundir.cut_log(out_dir / "metrics.jsonl", run.episodes_done)  # a killed run logged past its checkpoint
         files = {"config.json": json.dumps(configs.config_record(cfg), indent=2) + "\n"}
         if state is None and not (out_dir / "data.json").exists():
             files = {"data.json": rundir.manifest_text(sources)} | files  # config.json last: it marks a run
