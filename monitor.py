@@ -7,9 +7,11 @@ means and what a healthy value looks like. `run` is runstate.Run (the model, the
 stands).
 """
 
+import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from rich.console import Console
@@ -17,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import cli
 import smat
+import tables
 from cli import RunError
 
 
@@ -28,33 +31,61 @@ class Monitor:
     """The progress bar (rank 0 only) and metrics.jsonl (docs/metrics.md says what each field means).
     When the console is not a terminal (nohup, SLURM, CI, a pipe) there is no bar: rank 0 prints one
     plain line per log step and per validation instead (`plain_line`). With `tensorboard`, every
-    record also goes to RUN/tensorboard/ as scalars (`tensorboard_scalars`)."""
+    record also goes to RUN/tensorboard/ as scalars grouped train/, val/, system/ (`tensorboard_scalars`);
+    with `wandb` (a W&B project), the same scalars go to Weights & Biases. Used as a context manager
+    around the training (`training`, which shows the bar) and the final test (`tested`)."""
 
     COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} ep"),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
-    def __init__(self, run, main: bool, console: Console, setting: dict, tensorboard: bool = False) -> None:
+    def __init__(self, run, main: bool, console: Console, setting: dict, tensorboard: bool = False,
+                 wandb: str | None = None) -> None:
         self.run, self.file, self.main, self.setting = run, run.out_dir / "metrics.jsonl", main, setting
         self.every = max(1, min(50, run.total_steps // 100))  # steps between metrics lines
         self.started, self.start_episode = time.perf_counter(), run.episodes_done
         self.console, self.plain = console, main and not console.is_terminal
         self.bar = Progress(*self.COLUMNS, console=console, disable=not main or self.plain)
         self.stages = Stages(self.bar, f"{run.cfg.method}: ", stats="")  # validation's own line
-        self.board = summary_writer()(str(run.out_dir / "tensorboard")) if tensorboard and main else None
+        self.tensorboard, self.project = tensorboard and main, wandb if main else None
+        self.board, self.wandb = None, None
 
     def __enter__(self) -> "Monitor":
-        self.bar.__enter__()
-        cfg = self.run.cfg
+        if self.project:  # first: the one that can fail (no login, no network)
+            self.wandb = wandb_run(self.project, self.run)
+        if self.tensorboard:  # a resumed run drops what a killed session logged after its checkpoint
+            self.board = summary_writer()(str(self.run.out_dir / "tensorboard"),
+                                          purge_step=self.run.episodes_done + 1 if self.run.episodes_done else None)
+            if not self.run.episodes_done:
+                write_hparams(self.board, self.run.cfg)
         if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
             self._append({"episode": self.run.episodes_done, "start": self.setting, "metrics_format": METRICS_FORMAT})
-        self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
-                                      completed=self.run.episodes_done, stats="")
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
+    def __exit__(self, error_type, *_) -> None:
         if self.board is not None:
             self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0 if error_type is None else 1)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """The progress bar, shown while the loop runs (the final test draws its own)."""
+        cfg = self.run.cfg
+        with self.bar:
+            self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
+                                          completed=self.run.episodes_done, stats="")
+            yield
+
+    def tested(self, results: dict) -> None:
+        """The final test's accuracies (`test_scalars`) to TensorBoard and W&B, at the last episode."""
+        scalars = test_scalars(results)
+        if self.board is not None:
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, global_step=self.run.episodes_done)
+            self.board.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=self.run.episodes_done)
+            self.wandb.summary.update(scalars)
 
     def log_due(self) -> bool:
         return self.run.step % self.every == 0 or self.run.step == self.run.last_step
@@ -83,24 +114,56 @@ class Monitor:
     def _append(self, record: dict) -> None:
         with open(self.file, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for tag, value in tensorboard_scalars(record).items():
+        scalars = tensorboard_scalars(record)
+        if self.board is not None and scalars:
+            for tag, value in scalars.items():
                 self.board.add_scalar(tag, value, global_step=record["episode"])
             self.board.flush()  # a crash or Ctrl-C keeps what the curves showed
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=record["episode"])
+
+
+SYSTEM = ("episodes_per_second", "peak_memory_gib")  # how fast and in how much memory, not what is learnt
+NOT_CURVES = ("step", "episode", "start", "metrics_format")  # the x-axis and a session's start record
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:
-    """A metrics.jsonl record as TensorBoard tags: every number under its own name, a per-expert list
-    as NAME/expert_M; `step`, `episode` (the x-axis) and a session's "start" record are not curves."""
+    """A metrics.jsonl record as grouped TensorBoard (and W&B) tags: a validation field as val/NAME
+    without its val_ prefix, throughput and memory as system/NAME, every other number as train/NAME,
+    a per-expert list as GROUP/NAME/expert_M; NOT_CURVES are skipped."""
     scalars = {}
     for key, value in record.items():
-        if key in ("step", "episode", "start"):
+        if key in NOT_CURVES:
             continue
+        tag = ("val/" + key.removeprefix("val_") if key.startswith("val_")
+               else ("system/" if key in SYSTEM else "train/") + key)
         if isinstance(value, list):
-            scalars |= {f"{key}/expert_{m}": float(v) for m, v in enumerate(value)}
+            scalars |= {f"{tag}/expert_{m}": float(v) for m, v in enumerate(value)}
         elif isinstance(value, (int, float)):
-            scalars[key] = float(value)
+            scalars[tag] = float(value)
     return scalars
+
+
+def test_scalars(results: dict) -> dict[str, float]:
+    """The final test as test/DOMAIN (mean accuracy, %) and test/id_avg, test/ood_avg (and near/far where
+    the run has them): the tags TensorBoard's hparams table and W&B's summary show beside the Config."""
+    scalars = {f"test/{name}": float(domain["mean"]) for name, domain in results["domains"].items()}
+    return scalars | {f"test/{key}": float(results[key]) for key in tables.AVERAGES if results.get(key) is not None}
+
+
+def hparams(cfg: smat.Config) -> dict[str, bool | int | float | str]:
+    """Every Config field as a scalar hyper-parameter (TensorBoard's hparams take no None or list: as text)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.to_dict().items()}
+
+
+def write_hparams(board, cfg: smat.Config) -> None:
+    """The Config as TensorBoard hparams of this run, with val/accuracy and the test averages as its metrics
+    (the hparams table reads their values from the scalars of the same names)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    metrics = {"val/accuracy": 0.0} | {f"test/{key}": 0.0 for key in tables.AVERAGES}
+    for summary in hparams_summaries(hparams(cfg), metrics):
+        board.file_writer.add_summary(summary)
 
 
 def summary_writer() -> type:
@@ -111,6 +174,28 @@ def summary_writer() -> type:
         raise RunError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
                        "or drop --tensorboard (evaluate.py --curves draws metrics.jsonl without it)") from None
     return SummaryWriter
+
+
+def wandb_module():
+    """The optional wandb package (one RunError line without it)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RunError("--wandb needs the wandb package: pip install -e '.[wandb]' from the repository root, "
+                       "or drop --wandb") from None
+    return wandb
+
+
+def wandb_run(project: str, run):
+    """A W&B run in `project` named after the run directory, its files under RUN/wandb/, the Config as
+    its config. Its id is a function of the directory's path, so a resumed run continues its W&B run."""
+    run_id = hashlib.sha256(str(run.out_dir.resolve()).encode()).hexdigest()[:16]
+    try:
+        return wandb_module().init(project=project, name=run.out_dir.name, dir=str(run.out_dir),
+                                   config=hparams(run.cfg), id=run_id, resume="allow")
+    except Exception as error:  # wandb's own errors (no API key, no network) share no base class to catch
+        raise RunError(f"--wandb {project}: Weights & Biases could not start a run ({cli.reason(error)}); "
+                       f"log in with `wandb login`, or set WANDB_MODE=offline, or drop --wandb") from None
 
 
 def log_record(run, batch: smat.MetaBatch, rate: float, lr: float) -> dict:

@@ -38,7 +38,7 @@ import smat
 import tables
 from cli import fail
 from flags import option
-from monitor import Monitor, Stages, episode_bar, summary_writer
+from monitor import Monitor, Stages, episode_bar, summary_writer, wandb_module
 from rundir import atomic_save, load_run
 from smat import SMAT, Config, NonFiniteLoss
 
@@ -59,6 +59,7 @@ def meta_train(
     workers: int | None = None,
     compile_model: bool = False,
     tensorboard: bool = False,
+    wandb: str | None = None,
 ) -> Path:
     """Meta-train `cfg` into `out_dir` (default: a new runs/METHOD-TIME); returns the run directory.
 
@@ -68,12 +69,15 @@ def meta_train(
     `stop_after` episodes stops it resumably. `workers` data processes make the episodes (None:
     devices.default_workers(); 0: this process); `compile_model` compiles the backbone's forward
     (devices.compile_backbone). Neither changes the episodes. `tensorboard` also writes
-    metrics.jsonl's records as TensorBoard scalars into RUN/tensorboard/.
+    metrics.jsonl's records and the final test as TensorBoard scalars into RUN/tensorboard/; `wandb`
+    (a project name) logs them to Weights & Biases as well.
     """
     # --- plumbing: every check before anything is written, then the run directory claimed ---
     console = console or cli.console()
     if tensorboard:
         summary_writer()  # the extra is installed
+    if wandb:
+        wandb_module()
     procs = devices.processes(device, cfg)
     runstate.check_stop_after(cfg, stop_after)
     devices.resolve_precision(cfg.precision, procs.device)
@@ -97,37 +101,38 @@ def meta_train(
                                       count=(run.last_step - run.step) * mine, workers=workers,
                                       pin_memory=procs.device.type == "cuda")
         setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
-        with stream as episodes, Monitor(run, procs.main, console, setting, tensorboard) as monitor:
-            while run.step < run.last_step:
-                # --- method: a meta-batch of tasks, then one meta-update [M3.10-3.11] ---
-                outputs = []
-                for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
-                    episode, task = next(episodes).to(procs.device), run.episodes_done + index
-                    run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
-                    with devices.autocast(precision, procs.device):
-                        out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
-                                                   episode.query_images, episode.query_labels, episode.n_way,
-                                                   episode_generator(cfg.seed, task, procs.device))
-                    loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
-                    (run.scaler.scale(loss) if run.scaler else loss).backward()
-                    outputs.append(out)
-                with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
-                    batch = smat.meta_update(run.model, run.optimizer, outputs,
-                                             lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
-                run.step += 1
-                run.model.tasks_seen.fill_(run.episodes_done)
-                # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
-                if procs.main and monitor.log_due():
-                    monitor.log(batch, lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction))
-                if procs.main and run.validation_due():
-                    monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
-                if procs.main and run.checkpoint_due():
-                    runstate.save_checkpoint(run)
-                if procs.world > 1:
-                    dist.barrier()
-        if procs.main and run.step == run.total_steps and evaluate_at_end:
-            final_evaluation(out_dir, sources, procs.device, console)
-            cli.print_line(console, f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+        with Monitor(run, procs.main, console, setting, tensorboard, wandb) as monitor:
+            with stream as episodes, monitor.training():
+                while run.step < run.last_step:
+                    # --- method: a meta-batch of tasks, then one meta-update [M3.10-3.11] ---
+                    outputs = []
+                    for index in range(procs.rank, cfg.meta_batch, procs.world):  # this process's tasks
+                        episode, task = next(episodes).to(procs.device), run.episodes_done + index
+                        run.model.tasks_seen.fill_(task)  # drives T_r, as the official counter
+                        with devices.autocast(precision, procs.device):
+                            out = smat.meta_train_step(run.model, episode.support_images, episode.support_labels,
+                                                       episode.query_images, episode.query_labels, episode.n_way,
+                                                       episode_generator(cfg.seed, task, procs.device))
+                        loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
+                        (run.scaler.scale(loss) if run.scaler else loss).backward()
+                        outputs.append(out)
+                    with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
+                        batch = smat.meta_update(run.model, run.optimizer, outputs,
+                                                 lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
+                    run.step += 1
+                    run.model.tasks_seen.fill_(run.episodes_done)
+                    # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
+                    if procs.main and monitor.log_due():
+                        monitor.log(batch, lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction))
+                    if procs.main and run.validation_due():
+                        monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
+                    if procs.main and run.checkpoint_due():
+                        runstate.save_checkpoint(run)
+                    if procs.world > 1:
+                        dist.barrier()
+            if procs.main and run.step == run.total_steps and evaluate_at_end:
+                monitor.tested(final_evaluation(out_dir, sources, procs.device, console))
+                cli.print_line(console, f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return out_dir
 
 
@@ -247,6 +252,7 @@ def main(
     workers: Annotated[Optional[int], typer.Option(min=0, help=escape("data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]"))] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles; turns shape checks off)")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (needs the tensorboard extra)")] = False,
+    wandb: Annotated[Optional[str], typer.Option(metavar="PROJECT", help="also log the metrics, the Config and the test results to this Weights & Biases project (needs the wandb extra)")] = None,
 ) -> None:
     """Meta-train SMAT (or PMF), then evaluate on ID and OOD test domains."""
     overrides = flags.given_fields(locals())  # the named flags: parameters named after Config fields
@@ -259,7 +265,8 @@ def main(
 
             jaxtyping.config.update("jaxtyping_disable", True)
         meta_train(cfg, resume or out, device=device, resume=resume is not None, evaluate_at_end=evaluate_at_end,
-                   stop_after=stop_after, workers=workers, compile_model=compile_model, tensorboard=tensorboard)
+                   stop_after=stop_after, workers=workers, compile_model=compile_model, tensorboard=tensorboard,
+                   wandb=wandb)
     except cli.USER_ERRORS as error:
         fail(str(error))
     except NonFiniteLoss as error:

@@ -2,16 +2,21 @@
 TensorBoard and Weights & Biases loggers, checked on fabricated records and results (no training)."""
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import monitor
 import pictures
 import smat
+import train
+from assets import make_assets
 from smat import Config
+from test_train import data_flag, small_config
 
 
 @pytest.fixture
@@ -213,7 +218,146 @@ def test_noisy_training_curves_are_a_moving_average_over_the_faint_raw_values(fi
 
 
 def test_missing_matplotlib_names_the_install_from_the_repository_root(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
 
     with pytest.raises(pictures.EvaluateError, match=r"pip install -e '\.\[plots\]' from the repository root"):
         pictures.pyplot()
+
+
+# --- TensorBoard and Weights & Biases --------------------------------------------------------------------
+
+
+def test_the_final_test_is_one_scalar_per_domain_and_average_under_test():
+    results = {"domains": {"alpha": {"mean": 71.5}, "beta": {"mean": 60.25}}, "id_avg": 71.5, "ood_avg": 60.25,
+               "near_ood_avg": None}
+
+    assert monitor.test_scalars(results) == {"test/alpha": 71.5, "test/beta": 60.25, "test/id_avg": 71.5,
+                                             "test/ood_avg": 60.25}
+
+
+def test_hparams_are_every_config_field_as_a_scalar():
+    cfg = Config(n_experts=2)
+
+    values = monitor.hparams(cfg)
+
+    assert values.keys() == cfg.to_dict().keys() and values["n_experts"] == 2
+    assert all(isinstance(v, (bool, int, float, str)) for v in values.values())
+
+
+class FakeWandb:
+    """What train.py asks of the wandb package, recorded: init's arguments, each log and the finish."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.summary: dict = {}
+
+    def init(self, **kwargs) -> "FakeWandb":
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, data: dict, step: int) -> None:
+        self.calls.append(("log", data, step))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.calls.append(("finish", exit_code))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def test_wandb_gets_the_config_the_same_grouped_records_as_tensorboard_and_the_test(assets, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = small_config(assets)
+
+    run = train.meta_train(cfg, tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache", wandb="smat-tests")
+
+    (init, *logs, finish) = fake.calls
+    assert init[0] == "init" and init[1]["project"] == "smat-tests" and init[1]["config"] == monitor.hparams(cfg)
+    assert init[1]["dir"] == str(run) and init[1]["name"] == "run" and finish == ("finish", 0)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [(monitor.tensorboard_scalars(r), r["episode"]) for r in records if monitor.tensorboard_scalars(r)]
+    results = json.loads((run / "results.json").read_text())
+    assert [(data, step) for _, data, step in logs] == expected + [(monitor.test_scalars(results), cfg.episodes)]
+    assert fake.summary == monitor.test_scalars(results) and "test/alpha" in fake.summary
+
+
+def test_wandb_without_its_package_is_one_line_and_nothing_is_written(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
+
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--wandb", "smat", "--out", str(tmp_path / "never")])
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e '.[wandb]'" in lines[0]
+    assert not (tmp_path / "never").exists()
+
+
+def board_scalars(run: Path) -> dict[tuple[str, int], float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    return {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
+
+
+def test_tensorboard_gets_the_final_test_and_the_config_as_hparams(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache",
+                           tensorboard=True)
+
+    results = json.loads((run / "results.json").read_text())
+    written = board_scalars(run)
+    assert all(written[(tag, 8)] == pytest.approx(value) for tag, value in monitor.test_scalars(results).items())
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    content = board.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["n_experts"].number_value == 2 and start.hparams["method"].string_value == "smat"
+
+
+def test_a_resumed_run_drops_the_tensorboard_events_a_killed_session_wrote_after_its_checkpoint(assets, tmp_path):
+    cfg = small_config(assets)
+    run = train.meta_train(cfg, tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache", evaluate_at_end=False,
+                           stop_after=4, tensorboard=True)
+    killed = monitor.summary_writer()(str(run / "tensorboard"))  # what a session killed after episode 4 left
+    for episode in (6, 7):
+        killed.add_scalar("train/loss", 999.0, global_step=episode)
+    killed.close()
+
+    train.meta_train(cfg, run, device="cpu", cache_dir=tmp_path / "cache", evaluate_at_end=False, resume=True,
+                     tensorboard=True)
+
+    losses = {step: value for (tag, step), value in board_scalars(run).items() if tag == "train/loss"}
+    assert sorted(losses) == [2, 4, 6, 8] and 999.0 not in losses.values()
+
+
+def test_wandb_offline_writes_its_run_into_the_run_directory(assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    run = train.meta_train(small_config(assets, episodes=4), tmp_path / "run", device="cpu",
+                           cache_dir=tmp_path / "cache", wandb="smat-tests")
+
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert (run / "results.json").is_file() and list(offline.glob("*.wandb"))
+
+
+def test_wandb_that_cannot_start_a_run_is_one_line_naming_the_way_out(assets, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    fake.init = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("api_key not configured (no-tty)"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--wandb", "smat", "--out", str(tmp_path / "run")])
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert "api_key not configured" in lines[-1] and "WANDB_MODE=offline" in lines[-1]

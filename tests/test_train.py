@@ -218,15 +218,17 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl_at_its_episode(assets, t
     written = {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
     assert written.keys() == expected.keys()
     assert all(written[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
-    assert {"loss", "val_accuracy", "sparsity/expert_1", "router_entropy"} <= {tag for tag, _ in written}
+    assert {"train/loss", "val/accuracy", "train/sparsity/expert_1", "train/router_entropy"} <= {tag for tag, _ in written}
 
 
-def test_tensorboard_scalars_name_each_expert_and_skip_the_axis_and_session_records():
+def test_tensorboard_scalars_are_grouped_name_each_expert_and_skip_the_axis_and_session_records():
     record = {"step": 3, "episode": 12, "loss": 1.5, "sparsity": [0.5, 0.75], "episodes_per_second": 2}
 
-    assert monitor.tensorboard_scalars(record) == {"loss": 1.5, "sparsity/expert_0": 0.5,
-                                                 "sparsity/expert_1": 0.75, "episodes_per_second": 2.0}
-    assert monitor.tensorboard_scalars({"episode": 0, "start": {"device": "cpu"}}) == {}
+    assert monitor.tensorboard_scalars(record) == {"train/loss": 1.5, "train/sparsity/expert_0": 0.5,
+                                                 "train/sparsity/expert_1": 0.75, "system/episodes_per_second": 2.0}
+    assert monitor.tensorboard_scalars({"episode": 4, "val_accuracy": 61.5}) == {"val/accuracy": 61.5}
+    start = {"episode": 0, "start": {"device": "cpu"}, "metrics_format": monitor.METRICS_FORMAT}
+    assert monitor.tensorboard_scalars(start) == {}
 
 
 def test_tensorboard_without_its_package_is_one_line_and_nothing_is_written(assets, tmp_path, monkeypatch):
@@ -467,7 +469,7 @@ def test_each_named_flag_is_one_parameter_named_after_its_config_field_and_none_
     options = {name: p.annotation.__metadata__[0] for name, p in parameters.items()}
 
     command_only = {"out", "device", "resume", "profile", "stop_after", "evaluate_at_end", "check_shapes",
-                    "config_file", "settings", "workers", "compile_model", "tensorboard"}
+                    "config_file", "settings", "workers", "compile_model", "tensorboard", "wandb"}
     assert set(parameters) - set(flags.CONFIG_FIELDS) == command_only
     assert [name for name, info in options.items() if info.hidden] == []
     assert all("[default: " in options[name].help for name in set(parameters) & set(flags.CONFIG_FIELDS))
