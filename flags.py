@@ -122,16 +122,23 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
 
 
 def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:
-    """The run's Config: the profile's values with `overrides`, or with --resume the run's own (where
-    only `episodes` may change). Config checks every value (ranges, choices)."""
+    """The run's Config: the profile's values with `overrides`, or with --resume the run's own, unchanged
+    (`episodes` too: the learning-rate schedule spans them). Config checks every value (ranges, choices)."""
     if resume is not None:
         if not (resume / "config.json").is_file():
             raise RunError(f"--resume {resume}: not a run directory (no config.json); pass a directory made by train.py")
         saved = read_config(resume)
-        changed = {k: v for k, v in overrides.items() if k != "episodes" and getattr(saved, k) != v}
+        changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
+        if list(changed) == ["episodes"]:
+            new, old = changed["episodes"], saved.episodes
+            raise RunError(f"--resume {resume} --episodes {new}: the run's learning rate warms up, then decays to 0 at "
+                           f"episode {old} (a cosine over its {old} episodes), and another length would change the rate "
+                           f"of every episode left, or restart it on a finished run; resume without --episodes, or "
+                           f"train {new} episodes in a new run: python train.py --config {resume / 'config.json'} "
+                           f"--episodes {new}")
         if changed:
-            raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)} (only --episodes may change)")
-        return dataclasses.replace(saved, **overrides)
+            raise RunError(f"--resume keeps the run's configuration; drop {', '.join(changed)}")
+        return saved
     if overrides.get("method") == "pmf":
         overrides = smat.PMF_SWITCHES | (smat.PMF_CPU_LRS if profile == "cpu" else {}) | overrides
     return Config(**overrides) if profile == "cpu" else Config.paper(**overrides)

@@ -516,7 +516,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", which: Literal["
     path = best if which == "best" and best.exists() else run_dir / "checkpoint.pt"  # a folder named best.pt is an error
     state = read_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{path} config")
-    # --resume may change only `episodes`, so best.pt from before a resume may differ from config.json there
+    # earlier versions let --resume change `episodes`, so a best.pt from before such a resume differs there
     changed = [k for k, v in cfg.to_dict().items() if k != "episodes" and saved[k] != v]
     if changed:
         raise RunError(f"{path} was trained with another {', '.join(changed[:3])} than {run_dir / 'config.json'}; "

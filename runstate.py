@@ -61,9 +61,10 @@ def claim_run_directory(cfg: Config, out_dir: Path | None, resume: bool,
 def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop_after: int | None = None,
                    evaluate_at_end: bool = True) -> dict | None:
     """The checkpoint to resume, checked (rundir.read_checkpoint), or None for a fresh run and for a run
-    stopped before its first checkpoint (it starts again from episode 0). A resumed run keeps its
-    configuration but for `episodes` (no fewer than it has done) and its classes (data.json), and
-    must have something left to do."""
+    stopped before its first checkpoint (it starts again from episode 0). A resumed run keeps its whole
+    configuration, `episodes` too (the learning-rate schedule spans them), and its classes (data.json),
+    and must have something left to do: episodes to train, or the final test of a run killed before
+    writing its results. Nothing a finished run holds is written over."""
     if not resume:
         return None
     rundir.check_run_files(out_dir)
@@ -71,21 +72,28 @@ def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop
     if not any((out_dir / name).exists() for name in ("checkpoint.pt", "best.pt")):
         return None
     state = read_checkpoint(out_dir / "checkpoint.pt")
-    if dataclasses.replace(config_from_dict(state["config"]), episodes=cfg.episodes) != cfg:
-        raise RunError(f"{out_dir} was trained with another configuration; resume with the same flags")
+    if config_from_dict(state["config"]) != cfg:
+        raise RunError(f"{out_dir} was trained with another configuration; resume it with its own (config.json)")
     rundir.check_resumable(state, out_dir / "checkpoint.pt")
     if (out_dir / "best.pt").exists():  # read at the end of the run: a damaged one fails now, not then
         best = read_checkpoint(out_dir / "best.pt")
+        # earlier versions let --resume change `episodes`: a best.pt from before such a resume differs there
         if dataclasses.replace(config_from_dict(best["config"]), episodes=cfg.episodes) != cfg:
             raise RunError(f"{out_dir / 'best.pt'} was trained with another configuration than {out_dir}")
-    done = state["episode"]
-    if done > cfg.episodes:
-        raise RunError(f"{out_dir} has already trained {done} episodes; pass --episodes {done} or more to continue it")
+    done = state["episode"]  # within cfg.episodes (rundir.check_resumable)
     if stop_after is not None and stop_after <= done:
         raise RunError(f"--stop-after {stop_after}: {out_dir} has already trained {done} episodes; pass a larger one")
-    if done == cfg.episodes and not evaluate_at_end:
-        raise RunError(f"{out_dir} has trained all its {done} episodes, nothing is left to resume; pass a larger "
-                       f"--episodes to train further, or test it with evaluate.py")
+    results = [name for name in ("results.json", "results.md") if (out_dir / name).exists()]
+    if done == cfg.episodes and (results or not evaluate_at_end):
+        held = f" and holds its test results ({results[0]})" if results else ""
+        test = (f"test it again with python evaluate.py {out_dir} (its results go beside these, never over them)"
+                if results else f"test it with python evaluate.py {out_dir}")
+        raise RunError(f"{out_dir} has trained all its {done} episodes{held}; nothing is left to resume: {test}, "
+                       f"or train longer in a new run: python train.py --config {out_dir / 'config.json'} "
+                       f"--episodes MORE")
+    if results and evaluate_at_end:  # left by earlier versions, whose --resume could add episodes to a tested run
+        raise RunError(f"{out_dir} holds test results ({results[0]}) that its final test would write over; resume it "
+                       f"with --no-evaluate, then test it with python evaluate.py {out_dir}")
     return state
 
 
