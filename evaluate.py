@@ -13,6 +13,7 @@ never imports train.py.
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -39,7 +40,7 @@ import tables
 from data import Episode, Source
 from finetuning import FINETUNE_STEPS, FinetuneError, finetune_logits
 from smat import SMAT, Config
-from tables import EvaluateError, _averages, confidence_interval, paired_difference
+from tables import EvaluateError, _averages, confidence_interval
 
 FinetuneMode = Literal["none", "full", "lora"]
 # Candidate learning rates, tried in this order; strict ">" so lr 0 (no fine-tuning) wins ties
@@ -62,7 +63,7 @@ class DomainResult(TypedDict, total=False):
     mean: float
     ci95: float  # half-width of the 95% CI [M1.6]
     episodes: int
-    accuracies: list[float]  # per episode, fraction correct: what paired differences pair
+    accuracies: list[float]  # per episode, percent correct (as `mean`): what paired differences pair
     router_weights: list[float]  # the router's w, mean over the episodes, one per expert
     distance: Literal["near", "far"]  # an OOD domain whose distance to the training data is known
     task_update_density: float  # SMAT: the fraction of θ_pre one task's update Σ_m w_m z_m changes
@@ -72,6 +73,7 @@ class DomainResult(TypedDict, total=False):
 class Results(TypedDict, total=False):
     """What `evaluate_model` returns and results.json holds (tables.py adds "baselines" and "paired")."""
 
+    results_format: int  # tables.RESULTS_FORMAT: what the fields mean (older files: tables.upgraded)
     domains: dict[str, DomainResult]
     id_avg: float | None  # unweighted over the domains, as the paper; near/far_ood_avg where known
     ood_avg: float | None
@@ -86,7 +88,8 @@ class Results(TypedDict, total=False):
     seconds: float
     config: dict
     data: str
-    provenance: dict  # code version, torch, python, device (tables.provenance)
+    provenance: dict  # code version and whether it had changes, torch, python, device, processes (tables.provenance)
+    checkpoint: dict  # the run's checkpoint tested: file, episode, its validation accuracy (tested_checkpoint)
     finetune_lr_search: dict  # with fine-tuning and no fixed lr: select_finetune_lr's table
     experts: dict  # SMAT: kept fraction per tensor, mask overlap, parameters per tensor
     sparsity: dict  # SMAT: the tested model's sparsity (sparsity_report)
@@ -128,6 +131,7 @@ def evaluate_model(
     finetune: FinetuneMode = "none",
     finetune_lr: float | None = None,
     finetune_steps: int = FINETUNE_STEPS,
+    finetune_grid: tuple[float, ...] = LR_CANDIDATES,
     device: str | torch.device = "cpu",
     progress: Announce | None = None,
 ) -> Results:
@@ -137,18 +141,20 @@ def evaluate_model(
 
     `cfg` gives the protocol and image size (the model's own config gives the method). The same
     `seed` yields the same episodes for every model. `Tested(model, pre=True)` is "Pre": ProtoNet on
-    the model's θ_pre. Fine-tuning uses `finetune_lr` if given, else the lr chosen on validation episodes.
+    the model's θ_pre. Fine-tuning uses `finetune_lr` if given, else the lr of `finetune_grid` chosen on
+    validation episodes. Accuracies are in percent, per episode too.
     `progress(stage, total)` announces each stage ("lr search D", "test D") with its number of
     episodes and returns the function called after every one of them (`Stages` draws them).
     """
-    check_request(episodes, finetune, finetune_lr, seed)
+    check_request(episodes, finetune, finetune_lr, seed, finetune_grid)
     tested = model if isinstance(model, Tested) else Tested(model)
     model = tested.model.to(device)
     lrs, search = {s.name: 0.0 for s in sources}, None
     if finetune != "none" and finetune_lr is not None:
         lrs = {s.name: finetune_lr for s in sources}
     elif finetune != "none":
-        lrs, search = select_finetune_lr(tested, sources, cfg, finetune, seed=seed, device=device, steps=finetune_steps, progress=progress)
+        lrs, search = select_finetune_lr(tested, sources, cfg, finetune, seed=seed, device=device, steps=finetune_steps,
+                                         candidates=finetune_grid, progress=progress)
     started, domains, protocol = time.perf_counter(), {}, data.protocol(cfg, "test")
     density = 0.0
     for source in sources:
@@ -156,12 +162,13 @@ def evaluate_model(
         accuracies, weights, domain_density = _accuracies(tested, tasks, finetune, lrs[source.name], finetune_steps,
                                                           seed, device, progress and progress(f"{partition} {source.name}",
                                                                                               episodes))
-        mean, ci95 = confidence_interval(accuracies.cpu())
+        accuracies = accuracies.cpu().double() * 100  # percent, as every number of a Results
+        mean, ci95 = confidence_interval(accuracies)
         if not math.isfinite(mean):  # _accuracies marks an episode with non-finite logits as NaN
             raise EvaluateError(non_finite_message(source.name, accuracies, finetune, lrs[source.name]))
         domains[source.name] = {"split": source.split, "mean": mean, "ci95": ci95, "episodes": episodes,
                                 "router_weights": (weights / episodes).tolist(),
-                                "accuracies": [round(a, 6) for a in accuracies.tolist()]}
+                                "accuracies": [round(a, 4) for a in accuracies.tolist()]}
         if source.distance:
             domains[source.name]["distance"] = source.distance
         if tested.gates is not None:
@@ -169,7 +176,7 @@ def evaluate_model(
             density += domain_density.item() / episodes / len(sources)
         if finetune != "none":
             domains[source.name]["finetune_lr"] = lrs[source.name]
-    results: Results = {"domains": domains, **_averages(domains),
+    results: Results = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **_averages(domains),
                         "method": "pre" if tested.pre else model.cfg.method,
                         "variant": {} if tested.pre else rundir.variant(model.cfg), "finetune": finetune,
                         "partition": partition, "seed": seed, "protocol": asdict(protocol),
@@ -184,7 +191,8 @@ def evaluate_model(
     return results
 
 
-def check_request(episodes: int | None, finetune: str, finetune_lr: float | None, seed: int = 0) -> None:
+def check_request(episodes: int | None, finetune: str, finetune_lr: float | None, seed: int = 0,
+                  finetune_grid: tuple[float, ...] = LR_CANDIDATES) -> None:
     """The evaluation flags, before any work (`episodes` None: the run's own, checked by its Config)."""
     if episodes is not None and episodes < 2:
         raise EvaluateError(f"episodes = {episodes} is too few; a confidence interval needs >= 2 per domain")
@@ -195,6 +203,13 @@ def check_request(episodes: int | None, finetune: str, finetune_lr: float | None
                             f"<= {MAX_FINETUNE_LR}")
     if finetune_lr is not None and finetune == "none":
         raise EvaluateError(f"finetune_lr = {finetune_lr} is given but finetune is none; use --finetune full or lora")
+    if not finetune_grid or any(not (math.isfinite(lr) and 0 <= lr <= MAX_FINETUNE_LR) for lr in finetune_grid) \
+            or len(set(finetune_grid)) < len(finetune_grid):
+        raise EvaluateError(f"finetune_grid = {','.join(map(str, finetune_grid)) or '(empty)'} is not valid; give "
+                            f"distinct learning rates in [0, {MAX_FINETUNE_LR}], comma-separated, e.g. 0,1e-4,1e-3")
+    if finetune_grid != LR_CANDIDATES and (finetune == "none" or finetune_lr is not None):
+        raise EvaluateError("--finetune-grid is the lr search's grid; it needs --finetune full or lora and no "
+                            "--finetune-lr (a fixed lr has no search)")
     if not 0 <= seed <= smat.MAX_SEED:
         raise EvaluateError(f"seed = {seed} is out of range; it must be an integer in [0, {smat.MAX_SEED}]")
 
@@ -289,6 +304,21 @@ def select_finetune_lr(tested: Tested, sources: list[Source], cfg: Config, finet
                     "accuracy": table, "pooled_lr": pooled, "chosen": chosen}
 
 
+def search_plan(grid: tuple[float, ...], domains: int, models: int) -> str:
+    """What the lr search will cost, said before it starts: the grid, the episodes of each stage, the stages."""
+    return (f"fine-tuning lr search on validation classes, before the test: grid {','.join(f'{lr:g}' for lr in grid)} "
+            f"(--finetune-grid), {len(grid)} lrs × {LR_SEARCH_EPISODES} episodes = {len(grid) * LR_SEARCH_EPISODES} "
+            f"episodes per stage, {domains * models} stages ({domains} domains × {models} models)")
+
+
+def tested_checkpoint(run_dir: Path, state: dict) -> dict:
+    """Which checkpoint of a run rundir.load_run tested (best.pt if there, else checkpoint.pt): the
+    file, the episode it was saved at and, when it is the model best on validation, that accuracy."""
+    best = state.get("episode") == state.get("best_episode") and state.get("best_val", -1.0) >= 0
+    return {"file": "best.pt" if (Path(run_dir) / "best.pt").is_file() else "checkpoint.pt",
+            "episode": state.get("episode"), "val_accuracy": state["best_val"] if best else None}
+
+
 # --- § 5 The command line ----------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -306,26 +336,41 @@ def main(
     data_spec: Annotated[Optional[str], typer.Option("--data", help="test data (default: the run's --data)")] = None,
     finetune: Annotated[FinetuneMode, typer.Option(help="none (zero-shot), full or lora")] = "none",
     finetune_lr: Annotated[Optional[float], typer.Option(help="fixed fine-tuning lr (default: chosen on val)")] = None,
+    finetune_grid: Annotated[str, typer.Option(
+        help="the lrs the search on validation classes tries, comma-separated; lr 0 (no fine-tuning) wins ties")]
+        = ",".join(f"{lr:g}" for lr in LR_CANDIDATES),
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="add Pre (θ_pre + ProtoNet)")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="PNG pictures in each run directory")] = False,
     sweep_plot: Annotated[Optional[Path], typer.Option(help="write ID and OOD accuracy against τ of all runs here")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="write OUT/<run name>/results-*.json instead of into each run")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="write OUT/<run name>/results-*.json instead of into each run, and several runs' comparison-*.json "
+             "into OUT instead of their folder (with --compare: the comparison files into OUT)")] = None,
     ways: Annotated[Optional[int], typer.Option(min=2, help="fixed N-way test episodes (default: the run's protocol)")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="fixed K-shot test episodes (default: the run's)")] = None,
     queries: Annotated[Optional[int], typer.Option(min=1, help="queries per class, fixed protocol (default: the run's)")] = None,
     compare_stored: Annotated[bool, typer.Option(
-        "--compare", help="the arguments are results files: print their table and paired differences "
-                          "against the first, computing nothing")] = False,
+        "--compare", help="the arguments are results files: print their table and every pairwise paired "
+                          "difference, computing nothing (--out DIR: save them as comparison-*.json/.md/.csv)")] = False,
+    gather_csv: Annotated[bool, typer.Option(
+        "--gather", help="the arguments are folders: print every results*.csv under them as one CSV "
+                         "(python evaluate.py --gather runs > all.csv)")] = False,
     curves: Annotated[bool, typer.Option(
         "--curves", help="draw each run's metrics.jsonl (loss, accuracy vs Pre, sparsity per expert, λ, router "
                          "entropy, validation accuracy) into training_curves.png, evaluating nothing")] = False,
 ) -> None:
-    """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<protocol>-<data>-seed<S>-<N>ep.json
-    and .md into each run (or OUT/<run name>/), never replacing another evaluation's file."""
+    """Meta-test runs on the same seeded ID and OOD episodes; write results-<mode>-<protocol>-<data>-seed<S>-<N>ep.json,
+    .md and .csv into each run (or OUT/<run name>/), and for several runs their comparison-*.json, .md and .csv
+    into the runs' folder (or OUT), never replacing another evaluation's file."""
     try:
         if compare_stored:
-            tables.compare_files(run_dirs)
+            console = cli.console()
+            written = tables.compare_files(run_dirs, out, console)
+            if written is not None:
+                cli.print_line(console, f"wrote {written}.json, .md and .csv")
+            return
+        if gather_csv:
+            sys.stdout.write(tables.gather(run_dirs))
             return
         if curves:
             for path in pictures.draw_curves(run_dirs, out):
@@ -333,7 +378,7 @@ def main(
             return
         fixed = {k: v for k, v in (("test_ways", ways), ("test_shots", shots), ("test_queries", queries)) if v}
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
-                device, out, {"test_protocol": "fixed", **fixed} if fixed else {})
+                device, out, {"test_protocol": "fixed", **fixed} if fixed else {}, parse_grid(finetune_grid))
     except USER_ERRORS as error:
         cli.fail(str(error))
     except KeyboardInterrupt:
@@ -343,11 +388,25 @@ def main(
         cli.fail(cli.os_error_line(error))
 
 
+def parse_grid(text: str) -> tuple[float, ...]:
+    """--finetune-grid's comma-separated lrs (checked by check_request)."""
+    try:
+        return tuple(float(lr) for lr in text.split(","))
+    except ValueError:
+        raise EvaluateError(f"--finetune-grid {text} is not valid; give learning rates in [0, {MAX_FINETUNE_LR}], "
+                            f"comma-separated, e.g. 0,1e-4,1e-3") from None
+
+
+def comparison_folder(run_dirs: list[Path], out: Path | None) -> Path:
+    """Where several runs' comparison file goes: --out, else the folder that holds the runs."""
+    return out if out is not None else Path(os.path.commonpath([Path(r).resolve().parent for r in run_dirs]))
+
+
 def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune: str, finetune_lr: float | None,
-                plots: bool, sweep_plot: Path | None, out: Path | None) -> None:
+                plots: bool, sweep_plot: Path | None, out: Path | None, grid: tuple[float, ...] = LR_CANDIDATES) -> None:
     """Every flag, before any run is loaded: what the evaluation would refuse, and every place a file
     will be written (so that an error there cannot cost the evaluation)."""
-    check_request(episodes, finetune, finetune_lr, seed)
+    check_request(episodes, finetune, finetune_lr, seed, grid)
     paths = [Path(r).resolve() for r in run_dirs]
     twice = next((r for r, p in zip(run_dirs, paths) if paths.count(p) > 1), None)
     if twice is not None:
@@ -359,6 +418,8 @@ def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune:
         if same is not None:
             raise EvaluateError(f"--out {out}: two runs are named {same}, so their results would land in one "
                                 f"folder; evaluate them separately or rename one")
+    if len(run_dirs) > 1 and out is None:
+        rundir.check_target_directory(comparison_folder(run_dirs, out), "the runs' folder (for comparison-*.json)")
     if plots or sweep_plot:
         pictures.pyplot()
     if sweep_plot:
@@ -371,15 +432,17 @@ def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune:
 
 
 def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
-            device, out: Path | None = None, protocol: dict | None = None) -> None:
-    """Check every flag and load and check every run, evaluate every run, write every file, then print:
+            device, out: Path | None = None, protocol: dict | None = None, grid: tuple[float, ...] = LR_CANDIDATES) -> None:
+    """Check every flag and load and check every run, evaluate every run, write every file (with several
+    runs, their comparison file: every pairwise paired difference), then print:
     bad input fails before any work, an error anywhere leaves nothing written, and a closed or full
     stdout (printing comes last) never costs the results. Directories written into are claimed
     (rundir.RunDirectory): a run that train.py is still writing is refused."""
-    check_flags(run_dirs, episodes, seed, finetune, finetune_lr, plots, sweep_plot, out)
-    dev, runs, sources_for = devices.pick_device(device), [], {}
+    check_flags(run_dirs, episodes, seed, finetune, finetune_lr, plots, sweep_plot, out, grid)
+    dev, runs, sources_for, checkpoints = devices.pick_device(device), [], {}, []
     for run_dir in run_dirs:  # on the CPU until its turn, so a sweep of big runs fits the device
-        model, cfg, _ = rundir.load_run(run_dir, "cpu")
+        model, cfg, state = rundir.load_run(run_dir, "cpu")
+        checkpoints.append(tested_checkpoint(run_dir, state))
         # Every run on the first run's protocol, so all of them see the same episodes.
         cfg = replace(cfg, **{k: getattr(runs[0][2] if runs else cfg, k) for k in PROTOCOL_FIELDS},
                       data=data_spec or cfg.data)  # cfg.data: the data tested, recorded in the results
@@ -396,9 +459,10 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         for target in targets:  # the run directories, or folders under --out that exist already
             if target.is_dir():
                 claims.enter_context(rundir.RunDirectory(target, fresh=False, create=False))
-        results, pre, pre_name = evaluate_runs(runs, episodes, seed, finetune, finetune_lr, baselines, dev)
+        results, pre, pre_name = evaluate_runs(runs, episodes, seed, finetune, finetune_lr, baselines, dev, grid)
         written: list[Path] = []
-        for target, result in zip(targets, results):  # every run saw Pre's episodes: each keeps it
+        for target, result, checkpoint in zip(targets, results, checkpoints):
+            result["checkpoint"] = checkpoint  # every run saw Pre's episodes: each keeps it
             target.mkdir(parents=True, exist_ok=True)
             written.append(target / tables.free_name(target, tables.results_name(result)))
             tables.write_results(target, result, {pre_name: pre} if pre else None, written[-1].name)
@@ -409,24 +473,32 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
                     pictures.plot_mask_overlap(result, target / "mask_overlap.png")
         if sweep_plot:
             pictures.plot_sparsity_sweep({cfg.sparsity: result for (_, _, cfg, _), result in zip(runs, results)}, sweep_plot)
-    names, console = [run_dir.name for run_dir, *_ in runs], Console()
-    differences = {f"{name} − {pre_name}": paired_difference(result, pre)
-                   for name, result in zip(names, results)} if pre and len(results) <= 2 else None
-    tables.print_table(([pre] if pre else []) + results, ([pre_name] if pre else []) + names, console, differences)
+        shown = ([pre] if pre else []) + results
+        names = ([pre_name] if pre else []) + [run_dir.name for run_dir, *_ in runs]
+        paths = ([f"{runs[0][0]} (its frozen backbone)"] if pre else []) + [str(run_dir) for run_dir, *_ in runs]
+        if len(runs) > 1:
+            folder = comparison_folder(run_dirs, out)
+            folder.mkdir(parents=True, exist_ok=True)
+            written.append(tables.write_comparison(folder, shown, names, paths))
+    console = cli.console()  # the terminal's width, or unlimited off one
+    tables.print_table(shown, names, console, tables.pairwise(shown, names), paths)
     for path in written:
-        console.print(f"wrote {path}.json and .md")
+        cli.print_line(console, f"wrote {path}.json, .md and .csv")
     for run_dir in run_dirs:  # last: a run refused anywhere above gets only its error line
         configs.note_filled_fields(run_dir)
 
 
 def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: FinetuneMode, finetune_lr: float | None,
-                  baselines: bool, device) -> tuple[list[Results], Results | None, str]:
+                  baselines: bool, device, grid: tuple[float, ...] = LR_CANDIDATES) -> tuple[list[Results], Results | None, str]:
     """(results of every run, Pre's results or None, Pre's name), with progress on stderr: a bar on a
-    terminal, else a line per finished stage."""
+    terminal, else a line per finished stage; an lr search is announced first, with what it costs."""
     kwargs = dict(episodes=episodes if episodes is not None else runs[0][2].test_episodes, seed=seed,
-                  finetune=finetune, finetune_lr=finetune_lr, device=device)
+                  finetune=finetune, finetune_lr=finetune_lr, finetune_grid=grid, device=device)
     results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
     status = Console(stderr=True)
+    if finetune != "none" and finetune_lr is None:
+        domains = sum(bool(s.class_sizes("val")) for s in runs[0][3])
+        status.print(search_plan(grid, domains, len(runs) + baselines), markup=False, highlight=False, soft_wrap=True)
     with monitor.episode_bar(status) as bar:
         for run_dir, model, cfg, sources in runs:
             jobs = [(Tested(model), run_dir.name)]

@@ -159,13 +159,14 @@ def validate(model: SMAT, id_sources: list, cfg: Config, device, progress: evalu
 def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> dict:
     """Test the best-on-validation model and the frozen backbone ("Pre") on the same episodes of every
     ID and OOD domain; write results.json / results.md, then print both with their paired difference."""
-    model, cfg, _ = load_run(out_dir, device)
+    model, cfg, state = load_run(out_dir, device)
     run = {}
     with episode_bar(console) as bar:
         for name, tested in ((cfg.method, evaluate.Tested(model)), ("Pre", evaluate.Tested(model, pre=True))):
             with Stages(bar, f"{name}: ", log=console) as stages:  # seed 0, as evaluate.py
                 run[name] = evaluate.evaluate_model(tested, sources, cfg, partition="test", episodes=cfg.test_episodes,
                                                     seed=0, device=device, progress=stages)
+    run[cfg.method]["checkpoint"] = evaluate.tested_checkpoint(out_dir, state)  # which model was tested
     tables.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
     results = tables.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
     tables.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])

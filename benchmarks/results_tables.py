@@ -4,9 +4,9 @@
 
 Every number is over the seeds found (seed-averaged per episode: episode i's accuracy is the mean of
 the seeds' accuracies on episode i, which all seeds share), and every difference is paired on those
-episodes: mean ± 1.96·std/√n over n episode differences (tables.paired_difference). Beside it, the
-spread over seeds: each seed's own difference of averages, and a t-interval over the seeds
-(t_{0.975, S-1}·sd/√S), which also carries the variation between meta-training runs.
+episodes: mean ± t_{0.975, n-1}·sd/√n over n episode differences (tables.paired_difference). Beside it,
+the spread over seeds: each seed's own difference of averages, and the same t-interval over the seeds
+(tables.t_interval: t_{0.975, S-1}·sd/√S), which also carries the variation between meta-training runs.
 """
 
 import argparse
@@ -21,13 +21,16 @@ import delta_scaling  # noqa: E402  (the repository root and benchmarks/ are on 
 import pictures  # noqa: E402
 import tables  # noqa: E402
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles, by degrees of freedom
 GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
 FINETUNE_RESULTS = "results-full-*.json"
 
 
 def load(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """A stored results file (or δ-scaling file, {"scales": {s: results}}) in today's format (tables.upgraded)."""
+    found = json.loads(path.read_text())
+    if "scales" in found:
+        found["scales"] = {s: tables.upgraded(r) for s, r in found["scales"].items()}
+    return tables.upgraded(found) if "domains" in found else found
 
 
 def seeds_of(root: Path, prefix: str, name: str = "results.json") -> dict[int, dict]:
@@ -42,7 +45,7 @@ def first(results: dict, n: int) -> dict:
     domains = {}
     for name, d in results["domains"].items():
         accuracies = d["accuracies"][:n]
-        mean, ci95 = tables.confidence_interval(tables.torch.tensor(accuracies))
+        mean, ci95 = tables.confidence_interval(tables.torch.tensor(accuracies, dtype=tables.torch.float64))
         domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
     return results | {"domains": domains, **tables._averages(domains)}
 
@@ -79,18 +82,11 @@ def seed_differences(a: dict[int, dict], b: dict[int, dict], key: str) -> list[f
     return [a[s][key] - b[s][key] for s in sorted(a.keys() & b.keys()) if a[s].get(key) is not None]
 
 
-def t_interval(values: list[float]) -> tuple[float, float] | None:
-    """Mean and t_{0.975, S-1}·sd/√S half-width over S seeds (None for fewer than 2)."""
-    if len(values) < 2:
-        return None
-    return statistics.fmean(values), T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
-
-
 def seed_interval(a: dict[int, dict], b: dict[int, dict], key: str) -> str:
     """Per-seed differences of the averages (a_s − b_s, seeds both have), and their t-interval over seeds."""
     differences = seed_differences(a, b, key)
     cells = ", ".join(f"{d:+.2f}" for d in differences)
-    interval = t_interval(differences)
+    interval = tables.t_interval(differences)
     return f"{interval[0]:+.2f} ± {interval[1]:.2f} (seeds: {cells})" if interval else cells or "-"
 
 
@@ -191,7 +187,7 @@ def episode_slopes(by_value: dict[float, dict], key: str, per_doubling: bool) ->
     # episodes × values: each episode's average over the group's domains, for every value
     ys = tables.torch.stack([tables._per_episode(by_value[v], groups).mean(1) for v in values], 1)
     centred = xs - xs.mean()
-    return 100 * (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)
+    return (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)  # accuracies are in points
 
 
 def sweep_families(root: Path, flag: str, default: float) -> dict[float, str]:
@@ -215,8 +211,8 @@ def seed_slope_row(root: Path, families: dict[float, str], key: str, episodes: i
     per_seed = [episode_slopes({v: first(r[s], episodes) for v, r in runs.items()}, key, per_doubling).mean().item()
                 for s in seeds]
     means = {v: tables.average_runs([first(r[s], episodes) for s in seeds]) for v, r in runs.items()}
-    mean, ci95 = tables.confidence_interval(episode_slopes(means, key, per_doubling) / 100)
-    return t_interval(per_seed), f"{mean:+.2f} ± {ci95:.2f}", seeds
+    mean, ci95 = tables.confidence_interval(episode_slopes(means, key, per_doubling))
+    return tables.t_interval(per_seed), f"{mean:+.2f} ± {ci95:.2f}", seeds
 
 
 def paired_sweep(root: Path, values: dict[float, str], reference: float, episodes: int, name: str,
@@ -242,7 +238,7 @@ def paired_sweep(root: Path, values: dict[float, str], reference: float, episode
     for key in KEYS:
         slope = episode_slopes({v: means[p] for v, p in present.items()}, key, per_doubling)
         if slope is not None:
-            mean, ci95 = tables.confidence_interval(slope / 100)
+            mean, ci95 = tables.confidence_interval(slope)
             slopes.append(f"{tables.AVERAGES[key]} {mean:+.2f} ± {ci95:.2f}")
     return ("\n".join(rows) + f"\n\nSeeds {', '.join(map(str, seeds))} (seed-averaged per episode), the first "
             f"{episodes} test episodes per domain, paired 95% CIs. Least-squares slope per "
@@ -330,7 +326,7 @@ def findings(root: Path, pre: dict, pmf: dict[int, dict], smat: dict[int, dict],
     inverted = {m: seeds_of(root, m, "polarity-inverted-*.json") for m in ("smat", "pmf")}
 
     def row(finding, label, a, b, a_mean, b_mean, key, sign):
-        seed_ci = t_interval(seed_differences(a, b, key))
+        seed_ci = tables.t_interval(seed_differences(a, b, key))
         episode = tables.difference_cell(tables.paired_difference(a_mean, b_mean).get(key))
         cell = f"{seed_ci[0]:+.2f} ± {seed_ci[1]:.2f}" if seed_ci else "-"
         rows.append(f"| {finding} | {label} | {cell} | {episode} | {verdict(seed_ci, sign)} |")

@@ -76,22 +76,43 @@ def run(model=None, sources=None, pre: bool = False, **kwargs) -> evaluate.Resul
 
 
 def test_confidence_interval_matches_a_hand_computation():
-    # accuracies 60, 80, 100, 80 %: mean 80, unbiased variance (400 + 0 + 400 + 0) / 3, CI = 1.96·std/√4
-    mean, ci95 = tables.confidence_interval(torch.tensor([0.6, 0.8, 1.0, 0.8]))
+    # accuracies 60, 80, 100, 80 %: mean 80, unbiased variance (400 + 0 + 400 + 0) / 3, CI = t(0.975, 3)·std/√4
+    mean, ci95 = tables.confidence_interval(torch.tensor([60.0, 80.0, 100.0, 80.0]))
 
     assert mean == pytest.approx(80.0)
-    assert ci95 == pytest.approx(1.96 * (800 / 3) ** 0.5 / 2)
+    assert ci95 == pytest.approx(3.1824 * (800 / 3) ** 0.5 / 2)
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (10, 2.228), (29, 2.045),
+                                          (30, 2.042), (60, 2.000), (120, 1.980), (599, 1.964)])
+def test_the_t_quantile_matches_the_published_table_to_three_decimals(df, quantile):
+    assert round(tables.t_975(df), 3) == quantile
+
+
+def test_the_t_quantile_at_600_episodes_is_1_964_and_tends_to_the_normal():
+    assert tables.t_975(599) == pytest.approx(1.96393, abs=1e-5)  # 600 episodes: 0.2% wider than 1.96
+    assert tables.t_975(10**7) == pytest.approx(1.959964, abs=1e-6)
+    assert all(tables.t_975(df) > tables.t_975(df + 1) for df in range(1, 200))  # falls with df, no jump at 10
+
+
+def test_three_values_get_the_t_interval_not_the_normal_one():
+    # sd 10 over n = 3: 4.303·10/√3 = 24.84, where 1.96 gave 11.32
+    mean, ci95 = tables.confidence_interval(torch.tensor([40.0, 50.0, 60.0]))
+
+    assert (mean, round(ci95, 2)) == (50.0, 24.84)
+    assert tables.t_interval([40.0, 50.0, 60.0]) == (mean, ci95) and tables.t_interval([1.0]) is None
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 15), min_size=2, max_size=40))
 def test_confidence_interval_is_the_unbiased_formula(correct):
-    accuracies = [c / 15 for c in correct]
+    accuracies = [100 * c / 15 for c in correct]
 
     mean, ci95 = tables.confidence_interval(torch.tensor(accuracies))
 
-    assert mean == pytest.approx(100 * statistics.fmean(accuracies), abs=1e-4)
-    assert ci95 == pytest.approx(196 * statistics.stdev(accuracies) / len(accuracies) ** 0.5, abs=1e-4)
+    assert mean == pytest.approx(statistics.fmean(accuracies), abs=1e-4)
+    t = tables.t_975(len(accuracies) - 1)
+    assert ci95 == pytest.approx(t * statistics.stdev(accuracies) / len(accuracies) ** 0.5, abs=1e-4)
 
 
 # --- the same episodes for every method ---------------------------------------------------------------
@@ -145,7 +166,7 @@ def test_results_json_matches_the_design_schema(tmp_path):
     assert saved["baselines"]["Pre"]["method"] == "pre"
     table = (tmp_path / "results.md").read_text()
     assert "| glyphs | id |" in table and "| OOD avg |" in table and "Pre" in table
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md"]  # no temporaries
 
 
 def test_pmf_runs_report_a_single_dense_expert_and_no_mask_statistics():
@@ -319,9 +340,10 @@ def test_a_domain_without_validation_classes_takes_the_pooled_lr(monkeypatch):
 
 
 def fake_results(accuracies: dict[str, list[float]], splits: dict[str, str], seed: int = 0) -> dict:
+    """A results dict of per-episode accuracies given as fractions (stored in percent, as evaluate does)."""
     domains = {d: {"split": splits[d], "mean": 100 * sum(a) / len(a), "ci95": 0.0, "episodes": len(a),
-                   "accuracies": a} for d, a in accuracies.items()}
-    return {"domains": domains, "id_avg": None, "ood_avg": None, "method": "x", "finetune": "none",
+                   "accuracies": [100 * x for x in a]} for d, a in accuracies.items()}
+    return {"results_format": tables.RESULTS_FORMAT, "domains": domains, "id_avg": None, "ood_avg": None, "method": "x", "finetune": "none",
             "partition": "test", "seed": seed, "protocol": {"kind": "fixed"}}
 
 
@@ -335,10 +357,10 @@ def test_the_paired_difference_matches_a_slow_loop_over_episodes(n, seed):
 
     paired = tables.paired_difference(first, second)
 
-    def slow(diffs):  # mean and 1.96·s/√n, written out
+    def slow(diffs):  # mean and t(0.975, n-1)·s/√n, written out
         mean = sum(diffs) / len(diffs)
         std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1))
-        return 100 * mean, 100 * 1.96 * std / math.sqrt(len(diffs))
+        return mean, tables.t_975(len(diffs) - 1) * std / math.sqrt(len(diffs))
 
     for d in splits:
         mean, ci = slow([x - y for x, y in zip(first["domains"][d]["accuracies"], second["domains"][d]["accuracies"])])
@@ -390,8 +412,8 @@ def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
 
     mean = tables.average_runs([one, two])
 
-    assert mean["domains"]["a"]["accuracies"] == [0.5, 0.0, 0.5]
-    assert mean["domains"]["b"]["accuracies"] == pytest.approx([0.3, 0.4, 0.7])
+    assert mean["domains"]["a"]["accuracies"] == [50.0, 0.0, 50.0]
+    assert mean["domains"]["b"]["accuracies"] == pytest.approx([30.0, 40.0, 70.0])
     assert mean["domains"]["a"]["run_means"] == [50.0, pytest.approx(100 / 6)]
     assert mean["id_avg"] == pytest.approx(100 / 3) and mean["runs"] == 2
 
@@ -401,7 +423,7 @@ def test_the_split_average_ci_is_over_episode_averages_of_the_splits_domains():
 
     (id_mean, id_ci), (ood_mean, ood_ci) = tables.split_average(results, "id"), tables.split_average(results, "ood")
 
-    assert id_mean == pytest.approx(25.0) and id_ci == pytest.approx(1.96 * math.sqrt(2 * 25.0**2) / math.sqrt(2))
+    assert id_mean == pytest.approx(25.0) and id_ci == pytest.approx(12.7062 * math.sqrt(2 * 25.0**2) / math.sqrt(2))
     assert (ood_mean, ood_ci) == (pytest.approx(50.0), pytest.approx(0.0))
 
 
@@ -556,9 +578,8 @@ def test_each_evaluation_writes_its_own_named_file_and_never_replaces_another(ru
     digest = tables.results_name({"data": "embedded", "finetune": "none", "seed": 0,
                                     "domains": {"d": {"episodes": 2}}}).split("-")[4]
     first = f"results-zeroshot-{shape}-embedded-{digest}-seed0-2ep"
-    assert names == sorted(["results.json", f"{first}.json", f"{first}.md", f"{first}-2.json", f"{first}-2.md",
-                            f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep.json",
-                            f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep.md"])
+    stems = [first, f"{first}-2", f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep"]
+    assert names == sorted(["results.json"] + [f"{stem}{suffix}" for stem in stems for suffix in (".json", ".md", ".csv")])
     assert json.loads((run / "results.json").read_text()) == {"written by": "train.py"}
 
 

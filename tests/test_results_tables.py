@@ -24,11 +24,11 @@ def results(seed: int, level: float, finetune: str = "none", episodes: int = 12)
     g = torch.Generator().manual_seed(seed * 100 + int(level * 100))
     domains = {}
     for name, split in SPLITS.items():
-        accuracies = (level + 0.2 * torch.rand(episodes, generator=g)).clamp(0, 1).tolist()
+        accuracies = [round(100 * a, 4) for a in (level + 0.2 * torch.rand(episodes, generator=g)).clamp(0, 1).tolist()]
         mean, ci95 = tables.confidence_interval(torch.tensor(accuracies))
         domains[name] = {"split": split, "mean": mean, "ci95": ci95, "episodes": episodes, "accuracies": accuracies,
                          "router_weights": [0.5, 0.5]} | ({"distance": DISTANCE[name]} if name in DISTANCE else {})
-    out = {"domains": domains, **tables._averages(domains),
+    out = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **tables._averages(domains),
            "method": "x", "finetune": finetune, "partition": "test", "seed": 0, "protocol": PROTOCOL}
     if finetune != "none":
         chosen = {name: CANDIDATES[(seed + i) % len(CANDIDATES)] for i, name in enumerate(SPLITS)}

@@ -68,7 +68,7 @@ def test_a_run_directory_holds_config_metrics_checkpoints_and_results(assets, tm
     results = json.loads((run / "results.json").read_text())
     assert set(results["domains"]) == {"alpha", "beta"}
     assert set(results["baselines"]["Pre"]["domains"]) == {"alpha", "beta"}  # Pre on the same episodes
-    assert set(results["paired"]["smat − Pre"]["domains"]) == {"alpha", "beta"}
+    assert set(results["paired"]["smat - Pre"]["domains"]) == {"alpha", "beta"}
     assert len(results["domains"]["alpha"]["accuracies"]) == 3
     sparsity = results["sparsity"]
     assert len(sparsity["per_expert"]) == 2 and 0 <= sparsity["binary_fraction"] <= 1
