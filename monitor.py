@@ -1,7 +1,8 @@
-"""Progress and metrics: training's bar, metrics.jsonl, plain log lines and TensorBoard; evaluation's stages.
+"""Progress and metrics: training's bar, metrics.jsonl, plain lines, TensorBoard, W&B; evaluation's stages.
 
 Plumbing: nothing here changes what is trained. train.py's loop calls `Monitor.log` after a meta-update
-and `Monitor.validated` after a validation, and evaluations report their episodes through `Stages`
+and `Monitor.validated` after a validation, and `Monitor.tested` after the final test; evaluations
+report their episodes through `Stages`
 (`episode_bar` draws them); docs/metrics.md says what every field of metrics.jsonl
 means and what a healthy value looks like. `run` is runstate.Run (the model, the config, where the run
 stands).
