@@ -72,6 +72,7 @@ class Monitor:
     def training(self) -> Iterator[None]:
         """The progress bar, shown while the loop runs (the final test draws its own)."""
         cfg = self.run.cfg
+        self.started = time.perf_counter()  # episodes_per_second counts training, not W&B's start-up
         with self.bar:
             self.task = self.bar.add_task(cfg.method, total=self.run.total_steps * cfg.meta_batch,
                                           completed=self.run.episodes_done, stats="")
