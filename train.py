@@ -85,13 +85,13 @@ def meta_train(
     id_sources = [s for s in sources if s.split == "id"]
     vit = None if resume else runstate.checked_backbone(cfg, procs)  # a resumed run's model is in its checkpoint
     claim, out_dir = runstate.claim_run_directory(cfg, out_dir, resume, procs)
-    if procs.main:
-        cli.print_line(console, f"run directory: {out_dir}")
     with runstate.interrupted_says_where(out_dir, claim, resume), claim or nullcontext():
         state = runstate.previous_state(cfg, out_dir, resume, sources, stop_after, evaluate_at_end)
         procs = devices.init_distributed(procs)
         precision = devices.resolve_precision(cfg.precision, procs.device)
         run = runstate.start_run(cfg, out_dir, claim, state, procs, stop_after, sources, precision, vit)
+        if procs.main:  # every check passed: the one line saying where the run goes
+            cli.print_line(console, f"run directory: {out_dir}")
         if compile_model:
             devices.compile_backbone(run.model)
         workers = devices.default_workers() if workers is None else workers
