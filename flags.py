@@ -2,13 +2,13 @@
 
 A named flag of `train.main` is a parameter named after its Config field; that name is the one place
 that ties them: `config_flags` adds the field's default in each profile to the flag's help and
-`given_fields` hands its value on. `make_config` builds the run's Config from a profile and the
-overrides (or, with --resume, the run's own); Config checks every value.
+`given_fields` hands its value on. `config_overrides` joins --config FILE (the base), --set and the
+named flags (which must agree where both set a field); `make_config` builds the run's Config from a
+profile and the overrides (or, with --resume, the run's own); Config checks every value.
 """
 
 import dataclasses
 import inspect
-import json
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,6 +17,7 @@ from rich.markup import escape
 
 import cli
 import configs
+import readers
 import smat
 from cli import RunError
 from configs import read_config
@@ -25,6 +26,7 @@ from smat import Config
 # --help shows each profile's defaults; a flag left out keeps the profile's value (or, with --resume, the run's)
 PROFILES = {"cpu": Config(), "paper": Config.paper()}
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(Config)]
+FLAG_NAMES: dict[str, str] = {}  # a Config field -> its named flag ("--experts", "--teacher/--no-teacher"): config_flags
 
 
 def shown(value) -> str:
@@ -51,6 +53,9 @@ def config_flags(command):
     for name, parameter in inspect.signature(command).parameters.items():
         if name in CONFIG_FIELDS:
             info = parameter.annotation.__metadata__[0]
+            # in Annotated, typer takes a leading "--experts" (parsed as the default) as the flag's name
+            decls = [d for d in (info.default, *info.param_decls) if isinstance(d, str) and d.startswith("-")]
+            FLAG_NAMES[name] = decls[0] if decls else "--" + name.replace("_", "-")
             info.help = f"{info.help} {escape(f'[default: {profile_defaults(name)}]')}"  # brackets as text
     return command
 
@@ -80,25 +85,16 @@ def check_flags(resume: Path | None, out: Path | None, profile: str | None) -> N
         raise RunError("--resume keeps the run's configuration; drop --profile")
 
 
-def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
-    """Config fields from --config FILE (JSON, or TOML by its .toml suffix) and then --set KEY=VALUE
-    (each value converted by its field's type), checked as config.json is (configs.check_fields:
-    unknown keys, types, choices); Config itself checks the ranges. A problem is one RunError line."""
-    values: dict = {}
-    if config_file is not None:
-        path = Path(config_file)
-        try:
-            text = path.read_text()
-            if path.suffix.lower() == ".toml":
-                import tomllib
-
-                values = tomllib.loads(text)
-            else:
-                values = json.loads(text)
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise RunError(f"--config {path}: not a readable {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
-                           f"file of Config fields ({cli.reason(error)})") from None
-        values = configs.check_fields(Config, configs.config_fields(values, f"--config {path}"), f"--config {path}")
+def config_overrides(config_file: Path | None, settings: list[str], named: dict | None = None) -> dict:
+    """Config fields from --config FILE (JSON, TOML or YAML: configs.read_config_file), --set KEY=VALUE
+    (each value converted by its field's type) and the named flags (`named`, from `given_fields`),
+    checked as config.json is (configs.check_fields: unknown keys, types, choices); Config itself checks
+    the ranges. The file is the base the command line changes (one note line names what it changed);
+    a field the command line sets twice with different values (`--set n_experts=4 --experts 8`) is
+    refused, never silently decided. A problem is one RunError line."""
+    values = configs.read_config_file(config_file) if config_file is not None else {}
+    given: dict = {}
+    said: dict[str, str] = {}  # field -> how the command line set it, for the error naming both
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for setting in settings:
         key, equals, raw = (part.strip() for part in setting.partition("="))
@@ -117,8 +113,30 @@ def config_overrides(config_file: Path | None, settings: list[str]) -> dict:
                 value = int(raw) if kind is int else float(raw) if kind is float else raw
         except ValueError:
             raise RunError(f"--set {key}={raw}: not a valid {getattr(kind, '__name__', kind)}") from None
-        values[key] = configs.check_fields(Config, {key: value}, "--set")[key]
-    return values
+        _set_once(given, said, key, configs.check_fields(Config, {key: value}, "--set")[key], f"--set {key}={raw}")
+    for key, value in (named or {}).items():
+        _set_once(given, said, key, value, flag_text(key, value))
+    changed = [f"{key} {configs.value_text(values[key])} -> {configs.value_text(value)}"
+               for key, value in given.items() if key in values and values[key] != value]
+    if changed:
+        typer.echo(cli.one_line(f"note: the command line changes --config {config_file}: {', '.join(changed)}"), err=True)
+    return values | given
+
+
+def _set_once(given: dict, said: dict[str, str], key: str, value: object, how: str) -> None:
+    """Record that the command line sets `key` to `value` (`how`: "--experts 8"); another value already
+    set for it is one RunError line naming both."""
+    if key in given and given[key] != value:
+        raise RunError(f"{key} is set twice with different values: {said[key]} and {how}; give it once")
+    given[key], said[key] = value, said.get(key, how)
+
+
+def flag_text(field: str, value: object) -> str:
+    """How train.py's named flag for `field` reads with `value`: "--experts 8", "--no-teacher"."""
+    on, _, off = FLAG_NAMES.get(field, "--" + field.replace("_", "-")).partition("/")
+    if isinstance(value, bool):
+        return on if value or not off else off
+    return f"{on} {value}"
 
 
 def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path | None) -> Config:
@@ -141,4 +159,6 @@ def make_config(profile: Literal["cpu", "paper"], overrides: dict, resume: Path 
         return saved
     if overrides.get("method") == "pmf":
         overrides = smat.PMF_SWITCHES | (smat.PMF_CPU_LRS if profile == "cpu" else {}) | overrides
-    return Config(**overrides) if profile == "cpu" else Config.paper(**overrides)
+    cfg = Config(**overrides) if profile == "cpu" else Config.paper(**overrides)
+    readers.check_marked(cfg.data)  # a new run's sources; a resumed one keeps what it was trained on
+    return cfg

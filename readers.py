@@ -537,13 +537,28 @@ def _split_mark(part: str) -> tuple[str, str]:
     return part, ""
 
 
+REAL_KINDS = ("folder", "torchvision", "h5")  # the sources --data reads from disk, each marked @id or @ood
+
+
+def check_marked(spec: str) -> None:
+    """A --data string from a command line: every real source (folder:, torchvision:, h5:) ends in @id
+    or @ood, as the README promises; only the embedded benchmark's domains, whose splits it defines,
+    go unmarked. An unmarked one is a DataError naming it and the marks."""
+    for part in (p.strip() for p in spec.split(",")):
+        if part.partition(":")[0] in REAL_KINDS and not _split_mark(part)[1]:
+            raise DataError(f"data source {part!r} has no split mark{_mark_hint(Path(part))}; end it in @id "
+                            f"(in-distribution: its classes split into train, val and test classes) or @ood "
+                            f"(out-of-distribution: every class a test class)")
+
+
 def parse_data_spec(spec: str, image_size: int, cache_dir: Path | None = None, seed: int = 0) -> list[Source]:
     """Sources named by one string: "embedded" (default; or "embedded:NAME" for one domain),
     "folder:PATH", "torchvision:NAME:ROOT" (NAME a key of TORCHVISION_DATASETS or torchvision's class
     name; "torchvision:NAME:ROOT:download=1" downloads it if it is not there), "h5:PATH/SOURCE", joined
-    by commas, each optionally ending in "@id" or "@ood". Without a mark, embedded domains keep their own split and real sources
-    are ID when they have train classes, OOD otherwise. `seed` fixes seeded class splits of folders and
-    torchvision datasets; keep it constant to compare runs."""
+    by commas, each ending in "@id" or "@ood" (a command line checks it: `check_marked`). Embedded
+    domains keep their own split unless marked. A real source without a mark, as runs recorded before
+    marks were required may hold, is ID when it has train classes, OOD otherwise. `seed` fixes seeded
+    class splits of folders and torchvision datasets; keep it constant to compare runs."""
     if image_size < 8:
         raise DataError(f"image size {image_size} is too small; use at least 8 pixels")
     sources: list[Source] = []

@@ -247,9 +247,9 @@ def main(
     evaluate_at_end: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="test table at the end")] = True,
     check_shapes: Annotated[bool, typer.Option("--check-shapes/--no-check-shapes", help="jaxtyping checks")] = True,
     config_file: Annotated[Optional[Path], typer.Option(
-        "--config", help="JSON or TOML file of Config fields (a run's config.json works); under --set and the flags")] = None,
+        "--config", help="JSON, TOML or YAML file of Config fields (a run's config.json works) or of the official code's keys (docs/configs.md); the flags and --set change it")] = None,
     settings: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="KEY=VALUE for any Config field, e.g. --set inner_lr=0.01 (repeatable); under the named flags")] = None,
+        "--set", help="KEY=VALUE for any Config field, e.g. --set inner_lr=0.01 (repeatable); a field set twice, here or by a flag, must agree")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help=escape("data worker processes (0: episodes made in the training process) [default: CPUs - 1, at most 16]"))] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone's forward (first steps slower while it compiles; turns shape checks off)")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (needs the tensorboard extra)")] = False,
@@ -259,7 +259,7 @@ def main(
     overrides = flags.given_fields(locals())  # the named flags: parameters named after Config fields
     try:
         flags.check_flags(resume, out, profile)
-        overrides = flags.config_overrides(config_file, settings or []) | overrides
+        overrides = flags.config_overrides(config_file, settings or [], overrides)
         cfg = flags.make_config(profile or "cpu", overrides, resume)
         if not check_shapes or compile_model:  # dynamo cannot trace the shape checks
             import jaxtyping

@@ -1,5 +1,6 @@
 """The command lines' output read anywhere: whole in a file or a pipe, install hints, --data marks, --config."""
 
+import contextlib
 import io
 import os
 import re
@@ -14,7 +15,10 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 import cli
+import configs
 import evaluate
+import flags
+import readers
 import train
 from assets import make_assets
 
@@ -125,3 +129,144 @@ def test_the_readme_names_every_extra():
     line = readme[readme.index("Optional extras"):].split("\n\n")[0]
 
     assert [extra for extra in extras if f"`{extra}`" not in line] == []
+
+
+# --- (10a) every real --data source is marked @id or @ood ---
+
+
+@pytest.mark.parametrize("spec", ["folder:{alpha}", "folder:{alpha}@id,folder:{beta}", "torchvision:cifar10:/nowhere",
+                                  "h5:/nowhere/aircraft"])
+def test_an_unmarked_real_source_is_refused_in_one_line_naming_the_marks(assets, tmp_path, spec):
+    spec = spec.format(alpha=assets / "alpha", beta=assets / "beta")
+    result = CliRunner().invoke(train.app, ["--data", spec, "--backbone", str(assets / "vit.pt"),
+                                            "--out", str(tmp_path / "never")])
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "has no split mark" in lines[0] and "@id" in lines[0] and "@ood" in lines[0]
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_embedded_benchmark_and_marked_sources_need_no_more_marks(assets):
+    readers.check_marked("embedded")  # the benchmark's domains carry their own splits
+    readers.check_marked("embedded:constellations,embedded@ood")
+    readers.check_marked(f"folder:{assets / 'alpha'}@id,torchvision:cifar10:/x@ood,h5:/x/aircraft@ood")
+    readers.check_marked("folder:/data/d@v2@ood")  # an at sign inside a path, then the mark
+
+
+def test_a_run_recorded_with_an_unmarked_source_still_reads_it(assets):
+    sources = readers.parse_data_spec(f"folder:{assets / 'alpha'}", 16)  # what config.json may hold
+
+    assert [(s.name, s.split) for s in sources] == [("alpha", "id")]
+
+
+# --- (10b) a field set twice on the command line must agree; the file is the base ---
+
+
+def invoke(assets, tmp_path, *flags):
+    return CliRunner().invoke(train.app, ["--data", f"folder:{assets / 'alpha'}@id", "--backbone",
+                                          str(assets / "vit.pt"), "--out", str(tmp_path / "never"), *flags])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--set", "n_experts=4", "--experts", "8"], "n_experts is set twice with different values: --set n_experts=4 and --experts 8"),
+    (["--experts", "8", "--set", "n_experts=4"], "--set n_experts=4 and --experts 8"),
+    (["--set", "inner_lr=0.1", "--set", "inner_lr=0.2"], "--set inner_lr=0.1 and --set inner_lr=0.2"),
+    (["--set", "teacher=true", "--no-teacher"], "--set teacher=true and --no-teacher"),
+])
+def test_a_field_set_twice_with_different_values_is_refused_naming_both(assets, tmp_path, flags, words):
+    result = invoke(assets, tmp_path, *flags)
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and words in lines[0], result.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_same_value_twice_is_one_setting_and_the_command_line_changes_the_file_saying_so(tmp_path):
+    (tmp_path / "c.json").write_text('{"n_experts": 4, "inner_lr": 0.02}')
+
+    values = flags.config_overrides(None, ["n_experts=8", "sparsity=0.5"], {"n_experts": 8, "sparsity": 0.5})
+    assert values == {"n_experts": 8, "sparsity": 0.5}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        values = flags.config_overrides(tmp_path / "c.json", ["inner_lr=0.03"], {"n_experts": 4})
+    assert values == {"n_experts": 4, "inner_lr": 0.03}
+    assert err.getvalue().strip() == f"note: the command line changes --config {tmp_path / 'c.json'}: inner_lr 0.02 -> 0.03"
+
+
+# --- (12) --config FILE.yaml: project field names, or the official code's keys ---
+
+OFFICIAL_YAML = """\
+logging: {print_freq: 1, val_freq: 1, save_freq: 5, exp_dir: experiments/x}
+meta_learner:
+  model: SPARSE_INTERPOLATED_EXPERTS
+  first_order: True
+  num_inner_steps: 0
+  dense_teacher: {num_steps: 0, T: 2, lam: 0.25, lr: 0.005}
+  sparsity: {structured: False, target: 0.8, num_experts: 4, sparsify_where: ['sp_mod'], stochastic_mask: True}
+  inner_lr: {lr: 1e-3, learnable: False}
+  outer_lr: {lr: 0.0005, mask_lr: 1000000, lagrangian_lr: 0.002}
+base_learner: {backbone: ViT_Small_DINO, head: cosine, bias: False}
+train: {datasets: [aircraft, dtd], max_epoch: 3, batchsize: 2, fp16: True, image_size: 64, num_ways: 10}
+scheduler: {sched: cosine, warmup_epochs: 5}
+optimizer: {name: SGD, momentum: 0.9, weight_decay: 0.0, lr: 1e-4, max_grad_norm: 5}
+"""
+
+
+def test_a_yaml_of_field_names_gives_the_config_the_same_json_gives(tmp_path):
+    (tmp_path / "c.json").write_text('{"n_experts": 3, "inner_lr": 0.0001, "teacher": false, "data": "embedded"}')
+    (tmp_path / "c.yaml").write_text("n_experts: 3\ninner_lr: 1e-4   # YAML 1.1 alone reads a string\n"
+                                     "teacher: false\ndata: embedded\n")
+    (tmp_path / "c.yml").write_text("{n_experts: 3, inner_lr: 0.0001, teacher: no, data: embedded}")
+
+    read = [configs.read_config_file(tmp_path / name) for name in ("c.json", "c.yaml", "c.yml")]
+
+    assert read[0] == read[1] == read[2] and type(read[1]["inner_lr"]) is float
+    assert flags.make_config("cpu", read[1], None) == flags.make_config("cpu", read[0], None)
+
+
+def test_a_yaml_of_the_official_keys_maps_each_to_its_field(tmp_path):
+    (tmp_path / "md.yaml").write_text(OFFICIAL_YAML)
+
+    values = configs.read_config_file(tmp_path / "md.yaml")
+
+    assert values == {
+        "val_every": 2000, "checkpoint_every": 10_000, "method": "smat", "teacher_lr": 0.005,
+        "distill_temperature": 2, "distill_weight": 0.25, "sparsity": 0.8, "n_experts": 4, "inner_lr": 0.001,
+        "mask_lr": 1_000_000, "multiplier_lr": 0.002, "backbone": "vit_small_patch16",
+        "data": "h5:metadataset_h5/aircraft@id,h5:metadataset_h5/dtd@id", "episodes": 6000, "meta_batch": 2,
+        "precision": "fp16", "image_size": 64, "delta_momentum": 0.9, "delta_lr": 0.0001, "mask_clip": 5}
+    cfg = flags.make_config("paper", values, None)
+    assert (cfg.n_experts, cfg.episodes, cfg.delta_lr, cfg.multiplier_lr) == (4, 6000, 1e-4, 2e-3)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optimizer: {lr: 1e-4, warmup: 3}", "optimizer.warmup is neither a Config field nor an official key"),
+    ("meta_learner: {sparsity: {num_expert: 8}}", "(did you mean meta_learner.sparsity.num_experts?)"),
+    ("n_expert: 8", "(did you mean n_experts?)"),
+    ("meta_learner: {sparsity: {structured: True}}", "meta_learner.sparsity.structured = true has no counterpart"),
+    ("base_learner: {backbone: ViT_Large_21k_torchhub}", "base_learner.backbone = \"ViT_Large_21k_torchhub\" is not valid"),
+    ("train: {max_epoch: 2.5}", "train.max_epoch = 2.5 is not valid; it must be an integer number of epochs"),
+    ("train: {batchsize: four}", "train.batchsize = \"four\" is not valid; it must be an integer (it sets meta_batch)"),
+    ("n_experts: 4\nmeta_learner: {sparsity: {num_experts: 8}}", "sets n_experts twice"),
+    ("n_experts: [1, 2", "not a readable YAML file of Config fields (expected ',' or ']'"),
+    ("n_experts: 4\n  sparsity: 0.5", "not a readable YAML file"),
+    ("- 1\n- 2", "not an object of Config fields"),
+])
+def test_a_bad_yaml_config_is_one_line_and_exit_code_2(assets, tmp_path, text, words):
+    (tmp_path / "c.yaml").write_text(text)
+
+    result = invoke(assets, tmp_path, "--config", str(tmp_path / "c.yaml"))
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and words in lines[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "never").exists()
+
+
+def test_docs_configs_lists_every_official_key():
+    text = (ROOT / "docs" / "configs.md").read_text()
+    keys = list(configs.OFFICIAL_KEYS) + list(configs.OFFICIAL_FIXED) + list(configs.OFFICIAL_IGNORED)
+
+    assert [key for key in keys if f"| `{key}` |" not in text] == []
+    for key, (field, _) in configs.OFFICIAL_KEYS.items():
+        assert f"| `{key}` | `{field}` |" in text, key
