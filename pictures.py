@@ -212,8 +212,10 @@ def plot_mask_overlap(results: dict, path: Path, log: Console | None = None) -> 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped), accuracies in percent
-    whichever format wrote them (monitor.in_percent), or an EvaluateError line."""
+    """The records of RUN/metrics.jsonl that stand (rundir.standing: a record a killed session logged past
+    where the next one resumed is dropped, so a log an earlier version left overlapping draws one line; a
+    line cut short by a kill is skipped), accuracies in percent whichever format wrote them
+    (monitor.in_percent), or an EvaluateError line."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
@@ -228,6 +230,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
             continue
         if isinstance(record, dict) and isinstance(record.get("episode"), (int, float)):
             records.append(record)
+    records = [record for record, stands in zip(records, rundir.standing(records)) if stands]  # a killed session's tail
     if not records:
         raise EvaluateError(f"{path} holds no training records yet; draw the curves once the run has logged")
     return monitor.in_percent(records)

@@ -308,10 +308,10 @@ def teacher_lead(root: Path, prefix: str, last: int = 30) -> str:
     mean of each run's last `last` training records."""
     cells = []
     for run in sorted(root.glob(f"{prefix}-seed*/metrics.jsonl")):
-        records = [json.loads(line) for line in run.read_text().splitlines()]
+        records = pictures.read_metrics(run.parent)  # in points, whichever format logged them
         leads = [r["teacher_lead"] for r in records if "teacher_lead" in r][-last:]
         if leads:
-            cells.append(f"{run.parent.name} {100 * statistics.fmean(leads):+.2f}")
+            cells.append(f"{run.parent.name} {statistics.fmean(leads):+.2f}")
     return ", ".join(cells) or "-"
 
 

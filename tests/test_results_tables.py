@@ -150,3 +150,19 @@ def test_a_verdict_needs_the_seed_level_interval_to_exclude_zero_in_the_papers_d
     assert module.verdict((-1.0, 0.5), +1) == "opposite" and module.verdict((-1.0, 0.5), -1) == "reproduced"
     assert module.verdict(None, +1) == "not testable here"
     assert module.verdict((0.3, 0.5), 0) == "reproduced (a tie)" and module.verdict((1.0, 0.5), 0).startswith("not")
+
+
+def test_the_teacher_lead_is_in_points_whichever_metrics_format_logged_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_tables
+
+    old, new = tmp_path / "smat-seed0", tmp_path / "smat-seed1"
+    old.mkdir(), new.mkdir()
+    # before metrics_format 2 the lead was a fraction; a killed session's record past the resume is dropped
+    (old / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"start": True, "episode": 0}, {"episode": 2, "teacher_lead": 0.02}, {"episode": 4, "teacher_lead": 0.9},
+        {"start": True, "episode": 2}, {"episode": 4, "teacher_lead": 0.04}]) + "\n")
+    (new / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"start": True, "episode": 0, "metrics_format": 2}, {"episode": 2, "teacher_lead": 1.5}]) + "\n")
+
+    assert results_tables.teacher_lead(tmp_path, "smat") == "smat-seed0 +3.00, smat-seed1 +1.50"
