@@ -374,8 +374,10 @@ def main(
             return
         if curves:
             for path in pictures.draw_curves(run_dirs, out):
-                Console().print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+                cli.print_line(cli.console(), f"wrote {path}")
             return
+        if data_spec is not None:  # every real source marked, as for train.py
+            readers.check_marked(data_spec)
         fixed = {k: v for k, v in (("test_ways", ways), ("test_shots", shots), ("test_queries", queries)) if v}
         run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baselines, plots, sweep_plot,
                 device, out, {"test_protocol": "fixed", **fixed} if fixed else {}, parse_grid(finetune_grid))

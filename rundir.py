@@ -2,7 +2,7 @@
 
 Plumbing. A run directory (made by train.py) holds config.json, data.json (the classes of every
 partition of every source, recorded when the run starts), checkpoint.pt (the last state, resumable),
-best.pt (the best model on validation), metrics.jsonl and, after testing, results.json / results.md.
+best.pt (the best model on validation), metrics.jsonl and, after testing, results.json / .md / .csv.
 This module keeps what both command lines promise about them:
 
 - one process at a time: a run directory is claimed (`RunDirectory`) for a run's lifetime;
@@ -39,7 +39,7 @@ CHECKPOINT_FORMAT = "smat-run/1"  # the "format" entry of every checkpoint.pt an
 DATA_FORMAT = "smat-data/1"  # the "format" entry of data.json
 # Every file this program writes into a run directory (evaluate.py's pictures included), and the lock.
 RUN_FILES = ("config.json", "data.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "results.md",
-             "router_weights.png", "kept_fraction.png", "mask_overlap.png")
+             "results.csv", "router_weights.png", "kept_fraction.png", "mask_overlap.png")
 LOCK_FILE = ".lock"
 
 

@@ -83,7 +83,7 @@ def previous_state(cfg: Config, out_dir: Path, resume: bool, sources: list, stop
     done = state["episode"]  # within cfg.episodes (rundir.check_resumable)
     if stop_after is not None and stop_after <= done:
         raise RunError(f"--stop-after {stop_after}: {out_dir} has already trained {done} episodes; pass a larger one")
-    results = [name for name in ("results.json", "results.md") if (out_dir / name).exists()]
+    results = [name for name in ("results.json", "results.md", "results.csv") if (out_dir / name).exists()]
     if done == cfg.episodes and (results or not evaluate_at_end):
         held = f" and holds its test results ({results[0]})" if results else ""
         test = (f"test it again with python evaluate.py {out_dir} (its results go beside these, never over them)"

@@ -132,7 +132,7 @@ def meta_train(
                         dist.barrier()
             if procs.main and run.step == run.total_steps and evaluate_at_end:
                 monitor.tested(final_evaluation(out_dir, sources, procs.device, console))
-                cli.print_line(console, f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+                cli.print_line(console, f"wrote {out_dir / 'results'}.json, .md and .csv")
     return out_dir
 
 
@@ -158,7 +158,7 @@ def validate(model: SMAT, id_sources: list, cfg: Config, device, progress: evalu
 
 def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> dict:
     """Test the best-on-validation model and the frozen backbone ("Pre") on the same episodes of every
-    ID and OOD domain; write results.json / results.md, then print both with their paired difference."""
+    ID and OOD domain; write results.json / .md / .csv, then print both with their paired difference."""
     model, cfg, state = load_run(out_dir, device)
     run = {}
     with episode_bar(console) as bar:

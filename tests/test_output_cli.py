@@ -53,7 +53,7 @@ def test_a_training_run_written_to_a_file_keeps_each_table_row_and_each_path_on_
     assert result.returncode == 0, result.stderr[-2000:]
     lines = log.read_text().splitlines()
     assert lines[0] == f"run directory: {out}"  # where the run goes, before anything else
-    assert lines[-1] == f"wrote {out / 'results.json'} and {out / 'results.md'}"
+    assert lines[-1] == f"wrote {out / 'results'}.json, .md and .csv"
     for domain in ("alpha", "beta"):  # Pre, the variant and their difference: three cells, each whole on its row
         row = [line for line in lines if re.match(rf"\W*{domain}\b", line)]
         assert len(row) == 1 and row[0].count("±") == 3, "\n".join(lines)
@@ -270,3 +270,11 @@ def test_docs_configs_lists_every_official_key():
     assert [key for key in keys if f"| `{key}` |" not in text] == []
     for key, (field, _) in configs.OFFICIAL_KEYS.items():
         assert f"| `{key}` | `{field}` |" in text, key
+
+
+def test_evaluate_refuses_an_unmarked_test_source_in_one_line_as_train_does(assets, tmp_path):
+    result = CliRunner().invoke(evaluate.app, [str(tmp_path / "run"), "--data", f"folder:{assets / 'beta'}"])
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "has no split mark" in lines[0] and "@ood" in lines[0]

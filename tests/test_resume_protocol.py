@@ -183,7 +183,7 @@ def test_a_run_killed_in_its_final_test_is_resumed_to_that_test_alone(finished, 
     monkeypatch.setenv("SMAT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    for name in ("results.json", "results.md"):
+    for name in ("results.json", "results.md", "results.csv"):
         (run / name).unlink()
     checkpoint = (run / "checkpoint.pt").read_bytes()
 
