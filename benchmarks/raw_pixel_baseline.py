@@ -2,7 +2,7 @@
 picture grid of docs/benchmark.md.
 
 Run from the repository root:  python benchmarks/raw_pixel_baseline.py [--episodes 600] [--data SPEC]
-Prints a markdown table (mean accuracy and 95% CI = 1.96 std / sqrt(n), 5-way 5-shot 15 queries on
+Prints a markdown table (mean accuracy and 95% CI, t_{0.975,n-1} std / sqrt(n) as tables.confidence_interval, 5-way 5-shot 15 queries on
 the TEST classes, the same deterministic episodes every method is evaluated on) and writes
 docs/benchmark_domains.png (4 classes x 5 instances per domain).
 """
@@ -12,13 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark  # noqa: E402
 import data  # noqa: E402
 import readers  # noqa: E402
+import tables  # noqa: E402
 
 
 def prototype_accuracy(episode: data.Episode) -> float:
@@ -65,10 +65,9 @@ def main() -> None:
     print("| domain | split | raw-pixel ProtoNet accuracy (%) | 95% CI |")
     print("| --- | --- | ---: | ---: |")
     for source in sources:
-        accuracy = 100 * np.array([prototype_accuracy(e) for e in data.evaluation_episodes(
-            source, "test", protocol, args.episodes, seed=0, image_size=32)])
-        ci = 1.96 * accuracy.std() / np.sqrt(len(accuracy))
-        print(f"| {source.name} | {source.split.upper()} | {accuracy.mean():.1f} | {ci:.1f} |", flush=True)
+        episodes = data.evaluation_episodes(source, "test", protocol, args.episodes, seed=0, image_size=32)
+        mean, ci = tables.confidence_interval(100 * torch.tensor([prototype_accuracy(e) for e in episodes]))
+        print(f"| {source.name} | {source.split.upper()} | {mean:.1f} | {ci:.1f} |", flush=True)
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         save_grid(sources, args.grid)
