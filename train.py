@@ -100,7 +100,8 @@ def meta_train(
                                       start=run.episodes_done + procs.rank, stride=procs.world,
                                       count=(run.last_step - run.step) * mine, workers=workers,
                                       pin_memory=procs.device.type == "cuda")
-        setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model}
+        setting = {"device": str(procs.device), "precision": precision, "workers": workers, "compile": compile_model,
+                   "processes": procs.world}  # metrics.jsonl's start line: how this session ran
         with Monitor(run, procs.main, console, setting, tensorboard, wandb) as monitor:
             with stream as episodes, monitor.training():
                 while run.step < run.last_step:

@@ -129,6 +129,8 @@ def test_two_gloo_processes_reach_the_parameters_of_one_process(assets, tmp_path
 
     for key, tensor in parameters(tmp_path / "one").items():
         torch.testing.assert_close(parameters(tmp_path / "two")[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    for name, processes in (("one", 1), ("two", 2)):  # the start line says how many processes trained
+        assert json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["start"]["processes"] == processes
 
 
 def test_the_command_line_runs_a_small_job_end_to_end(assets, tmp_path):
