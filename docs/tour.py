@@ -55,7 +55,7 @@ import backbone
 import data
 import smat
 import train
-from monitor import router_entropy
+from monitor import PERCENT_FIELDS, router_entropy  # accuracies in %, as metrics.jsonl logs them
 from pictures import kept_by_module
 
 # One thread: the model is tiny, and a fixed thread count makes every number below repeat bit for bit.
@@ -64,8 +64,8 @@ plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fraction of queries whose largest logit is their class."""
-    return (logits.argmax(1) == labels).float().mean().item()
+    """The percentage of queries whose largest logit is their class (accuracies are in % everywhere)."""
+    return 100 * (logits.argmax(1) == labels).float().mean().item()
 
 # %% [markdown]
 # ## 0. The default run's model and data
@@ -131,7 +131,7 @@ with torch.no_grad():
     pre_prototypes = smat.class_prototypes(pre[: len(ys)], ys, n_way)
     pre_logits = smat.cosine_logits(pre[len(ys):], pre_prototypes, cfg.cosine_scale)
 print(f"prototypes {tuple(pre_prototypes.shape)}")
-print(f"frozen model's query accuracy {accuracy(pre_logits, yq):.2f}")
+print(f"frozen model's query accuracy {accuracy(pre_logits, yq):.1f} %")
 
 # %% [markdown]
 # **The router** $h_\zeta$ [M3.4] (`Router`, §4) reads the prototypes: tokens $[P_i; S]$ (the $n$
@@ -297,7 +297,7 @@ query_logits = smat.cosine_logits(model.features(theta1, xq), prototypes1, cfg.c
 support_after = F.cross_entropy(
     smat.cosine_logits(model.features(theta1, xs), prototypes1, cfg.cosine_scale), ys)
 print(f"support loss {support_loss:.4f} -> {support_after:.4f} after one step (α_in = {cfg.inner_lr})")
-print(f"query accuracy {accuracy(before, yq):.2f} -> {accuracy(query_logits, yq):.2f}, "
+print(f"query accuracy {accuracy(before, yq):.1f} % -> {accuracy(query_logits, yq):.1f} %, "
       f"query CE {F.cross_entropy(before, yq):.4f} -> {F.cross_entropy(query_logits, yq):.4f}")
 
 # %% [markdown]
@@ -324,8 +324,8 @@ ce = F.cross_entropy(query_logits, yq)
 teacher_logits = smat.dense_teacher(model.features, theta1, prototypes1, xq, yq, cfg, ce)  # reuses ce's graph
 kd_teacher = smat.distillation(query_logits, teacher_logits, cfg.distill_temperature, cfg.distill_direction)
 kd_pre = smat.distillation(query_logits, pre_logits, cfg.distill_temperature, cfg.distill_direction)
-print(f"query accuracy: frozen {accuracy(pre_logits, yq):.2f}, student {accuracy(query_logits, yq):.2f}, "
-      f"teacher {accuracy(teacher_logits, yq):.2f}")
+print(f"query accuracy: frozen {accuracy(pre_logits, yq):.1f} %, student {accuracy(query_logits, yq):.1f} %, "
+      f"teacher {accuracy(teacher_logits, yq):.1f} %")
 print(f"KD to the teacher {kd_teacher:.4f}, KD to the frozen model {kd_pre:.4f}")
 
 # %%
@@ -443,7 +443,7 @@ for step in range(200 // cfg.meta_batch):
     lr_scale = train.lr_scale(step, total_steps, cfg.warmup_fraction)
     batch = smat.meta_update(model, optimizer, outputs, lr_scale)
     model.tasks_seen.fill_((step + 1) * cfg.meta_batch)
-    history.append({**{k: v.item() for k, v in batch.stats.items()},
+    history.append({**{k: 100 * v.item() if k in PERCENT_FIELDS else v.item() for k, v in batch.stats.items()},
                     "entropy": router_entropy(batch.weights).item(), "sparsity": batch.sparsity.tolist(),
                     "multipliers": model.multipliers.tolist(),
                     "temperature": smat.router_temperature(cfg, model.tasks_seen).item()})
@@ -463,7 +463,7 @@ figure, axes = plt.subplots(2, 2, figsize=(10, 5.6))
 for key, label in [("accuracy", "student"), ("pretrained_accuracy", "frozen model"),
                    ("teacher_accuracy", "teacher")]:
     axes[0, 0].plot(episodes[4:], np.convolve(series[key], np.ones(5) / 5, mode="valid"), label=label)
-axes[0, 0].set(title="query accuracy (training tasks)")
+axes[0, 0].set(title="query accuracy % (training tasks)")
 axes[0, 1].plot(episodes, series["entropy"], label="H(w)")
 axes[0, 1].axhline(np.log(cfg.n_experts), color="grey", linestyle=":", label="log M")
 axes[0, 1].set(title="router entropy H(w) (nats), and T_r (dashed, right axis)")
@@ -503,7 +503,7 @@ print(f"touched (merged mask ≠ 0): {(mask_now != 0).float().mean():.3f} of P; 
       f"θ_i ≠ θ_pre on {(theta_now != model.theta_pre).float().mean():.3f} of P")
 for name, pretrained in [("frozen model (Pre)", True), ("SMAT after 200 episodes", False)]:
     logits_now = smat.predict(model, xs, ys, xq, n_way, pretrained).logits
-    print(f"{name}: zero-shot accuracy on this task's queries {accuracy(logits_now, yq):.2f}")
+    print(f"{name}: zero-shot accuracy on this task's queries {accuracy(logits_now, yq):.1f} %")
 
 # %% [markdown]
 # Each expert now keeps 60-80 % of the backbone (its $\hat s_m$ is about 0.2-0.4), and eight of them
