@@ -5,9 +5,9 @@ default) and reported as mean accuracy with a 95% confidence interval [M1.6], ze
 [M5.1] or after fine-tuning on the support set [M5.2; finetuning.py]. Start at
 `evaluate_model`, which returns a `Results`; `Tested` is what runs on each episode (the model, or
 "Pre", its frozen backbone). Below them: the choice of the fine-tuning lr on validation episodes, and
-last the command line, which only parses flags and calls these functions. Tables, results files and
---compare: tables.py; pictures and --curves: pictures.py. Runs are read through rundir.py; this module
-never imports train.py.
+last the command line, which only parses flags and calls these functions. Statistics and tables:
+tables.py; results files, --compare and --gather: resultfiles.py; pictures and --curves: pictures.py.
+Runs are read through rundir.py; this module never imports train.py.
 """
 
 import math
@@ -34,6 +34,7 @@ import devices
 import monitor
 import pictures
 import readers
+import resultfiles
 import rundir
 import smat
 import tables
@@ -71,9 +72,9 @@ class DomainResult(TypedDict, total=False):
 
 
 class Results(TypedDict, total=False):
-    """What `evaluate_model` returns and results.json holds (tables.py adds "baselines" and "paired")."""
+    """What `evaluate_model` returns and results.json holds (resultfiles.write_results adds "baselines" and "paired")."""
 
-    results_format: int  # tables.RESULTS_FORMAT: what the fields mean (older files: tables.upgraded)
+    results_format: int  # tables.RESULTS_FORMAT: what the fields mean (older files: resultfiles.upgraded)
     domains: dict[str, DomainResult]
     id_avg: float | None  # unweighted over the domains, as the paper; near/far_ood_avg where known
     ood_avg: float | None
@@ -88,7 +89,7 @@ class Results(TypedDict, total=False):
     seconds: float
     config: dict
     data: str
-    provenance: dict  # code version and whether it had changes, torch, python, device, processes (tables.provenance)
+    provenance: dict  # code version and whether it had changes, torch, python, device, processes (resultfiles.provenance)
     checkpoint: dict  # the run's checkpoint tested: file, episode, its validation accuracy (tested_checkpoint)
     finetune_lr_search: dict  # with fine-tuning and no fixed lr: select_finetune_lr's table
     experts: dict  # SMAT: kept fraction per tensor, mask overlap, parameters per tensor
@@ -181,7 +182,7 @@ def evaluate_model(
                         "variant": {} if tested.pre else rundir.variant(model.cfg), "finetune": finetune,
                         "partition": partition, "seed": seed, "protocol": asdict(protocol),
                         "seconds": round(time.perf_counter() - started, 2), "config": model.cfg.to_dict(),
-                        "data": cfg.data, "provenance": tables.provenance(device)}
+                        "data": cfg.data, "provenance": resultfiles.provenance(device)}
     if search is not None:
         results["finetune_lr_search"] = search
     if tested.gates is not None:
@@ -365,12 +366,12 @@ def main(
     try:
         if compare_stored:
             console = cli.console()
-            written = tables.compare_files(run_dirs, out, console)
+            written = resultfiles.compare_files(run_dirs, out, console)
             if written is not None:
                 cli.print_line(console, f"wrote {written}.json, .md and .csv")
             return
         if gather_csv:
-            sys.stdout.write(tables.gather(run_dirs))
+            sys.stdout.write(resultfiles.gather(run_dirs))
             return
         if curves:
             for path in pictures.draw_curves(run_dirs, out):
@@ -466,8 +467,8 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         for target, result, checkpoint in zip(targets, results, checkpoints):
             result["checkpoint"] = checkpoint  # every run saw Pre's episodes: each keeps it
             target.mkdir(parents=True, exist_ok=True)
-            written.append(target / tables.free_name(target, tables.results_name(result)))
-            tables.write_results(target, result, {pre_name: pre} if pre else None, written[-1].name)
+            written.append(target / resultfiles.free_name(target, resultfiles.results_name(result)))
+            resultfiles.write_results(target, result, {pre_name: pre} if pre else None, written[-1].name)
             if plots:
                 pictures.plot_router_weights(result, target / "router_weights.png")
                 if "experts" in result:
@@ -481,7 +482,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         if len(runs) > 1:
             folder = comparison_folder(run_dirs, out)
             folder.mkdir(parents=True, exist_ok=True)
-            written.append(tables.write_comparison(folder, shown, names, paths))
+            written.append(resultfiles.write_comparison(folder, shown, names, paths))
     console = cli.console()  # the terminal's width, or unlimited off one
     tables.print_table(shown, names, console, tables.pairwise(shown, names), paths)
     for path in written:

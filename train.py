@@ -32,6 +32,7 @@ import devices
 import evaluate
 import flags
 import readers
+import resultfiles
 import rundir
 import runstate
 import smat
@@ -41,7 +42,6 @@ from flags import option
 from monitor import Monitor, Stages, episode_bar, summary_writer, wandb_module
 from rundir import atomic_save, load_run
 from smat import SMAT, Config, NonFiniteLoss
-
 
 # --- the loop ---------------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
                 run[name] = evaluate.evaluate_model(tested, sources, cfg, partition="test", episodes=cfg.test_episodes,
                                                     seed=0, device=device, progress=stages)
     run[cfg.method]["checkpoint"] = evaluate.tested_checkpoint(out_dir, state)  # which model was tested
-    tables.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
+    resultfiles.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
     results = tables.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
     tables.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])
     return results

@@ -18,7 +18,9 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import delta_scaling  # noqa: E402  (the repository root and benchmarks/ are on the path only now)
+
 import pictures  # noqa: E402
+import resultfiles  # noqa: E402
 import tables  # noqa: E402
 
 GLYPH_RESULTS = "results*.json"  # evaluate.py --out names its file by what it measured (older files: results.json)
@@ -26,11 +28,11 @@ FINETUNE_RESULTS = "results-full-*.json"
 
 
 def load(path: Path) -> dict:
-    """A stored results file (or δ-scaling file, {"scales": {s: results}}) in today's format (tables.upgraded)."""
+    """A stored results file (or δ-scaling file, {"scales": {s: results}}) in today's format (resultfiles.upgraded)."""
     found = json.loads(path.read_text())
     if "scales" in found:
-        found["scales"] = {s: tables.upgraded(r) for s, r in found["scales"].items()}
-    return tables.upgraded(found) if "domains" in found else found
+        found["scales"] = {s: resultfiles.upgraded(r) for s, r in found["scales"].items()}
+    return resultfiles.upgraded(found) if "domains" in found else found
 
 
 def seeds_of(root: Path, prefix: str, name: str = "results.json") -> dict[int, dict]:
@@ -109,7 +111,7 @@ def comparison(pre: dict, pmf: dict[int, dict], smat: dict[int, dict], title: st
                         f"{seed_interval(pmf, pres, key)} |")
     first_domain = next(iter(pre["domains"].values()))
     return (text + "\n".join(rows) + f"\n\n{first_domain['episodes']} test episodes per domain, "
-            f"{tables._describe(pre['protocol'])}, episode seed {pre['seed']}.\n")
+            f"{tables.protocol_text(pre['protocol'])}, episode seed {pre['seed']}.\n")
 
 
 def fine_tuned(folder: Path, title: str, zero_shot: dict[str, dict[int, dict]]) -> str:
@@ -185,7 +187,7 @@ def episode_slopes(by_value: dict[float, dict], key: str, per_doubling: bool) ->
     xs = tables.torch.tensor(values, dtype=tables.torch.float64)
     xs = xs.log2() if per_doubling else xs
     # episodes × values: each episode's average over the group's domains, for every value
-    ys = tables.torch.stack([tables._per_episode(by_value[v], groups).mean(1) for v in values], 1)
+    ys = tables.torch.stack([tables.per_episode(by_value[v], groups).mean(1) for v in values], 1)
     centred = xs - xs.mean()
     return (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)  # accuracies are in points
 

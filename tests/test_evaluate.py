@@ -25,6 +25,7 @@ import finetuning
 import monitor
 import pictures
 import readers
+import resultfiles
 import rundir
 import smat
 import tables
@@ -150,7 +151,7 @@ def test_results_json_matches_the_design_schema(tmp_path):
     results = run(episodes=3)
     pre = run(episodes=3, pre=True)
 
-    tables.write_results(tmp_path, results, {"Pre": pre})
+    resultfiles.write_results(tmp_path, results, {"Pre": pre})
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["domains"]) == {"glyphs", "rosettes"}
@@ -574,8 +575,8 @@ def test_each_evaluation_writes_its_own_named_file_and_never_replaces_another(ru
         assert CliRunner().invoke(evaluate.app, args + extra).exit_code == 0
 
     names = sorted(p.name for p in run.glob("results*"))
-    shape = tables.results_name(json.loads(next(run.glob("results-*.json")).read_text())).split("-")[2]
-    digest = tables.results_name({"data": "embedded", "finetune": "none", "seed": 0,
+    shape = resultfiles.results_name(json.loads(next(run.glob("results-*.json")).read_text())).split("-")[2]
+    digest = resultfiles.results_name({"data": "embedded", "finetune": "none", "seed": 0,
                                     "domains": {"d": {"episodes": 2}}}).split("-")[4]
     first = f"results-zeroshot-{shape}-embedded-{digest}-seed0-2ep"
     stems = [first, f"{first}-2", f"results-zeroshot-{shape}-embedded-{digest}-seed0-3ep"]
@@ -597,8 +598,8 @@ def test_results_files_record_code_torch_python_device_and_data(runs):
 def test_a_data_string_becomes_a_short_safe_name_that_tells_strings_apart():
     name = {"finetune": "full", "seed": 3, "domains": {"d": {"episodes": 600}},
             "protocol": {"kind": "fixed", "ways": 5, "shots": 1, "queries": 15}}
-    a = tables.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
-    b = tables.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
+    a = resultfiles.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/x"})
+    b = resultfiles.results_name(name | {"data": "folder:/very/long/path/to/My Glyphs@ood,torchvision:cifar10:/y"})
 
     assert a != b and a.startswith("results-full-5w1s15q-") and a.endswith("-seed3-600ep")
     assert re.fullmatch(r"[a-z0-9-]+", a) and len(a) < 80

@@ -11,12 +11,14 @@ import statistics
 import pytest
 import torch
 from rich.console import Console
+from test_evaluate import fake_results as per_episode  # noqa: F401  (runs: the fixture of two saved runs)
+from test_evaluate import runs
 from typer.testing import CliRunner
 
 import evaluate
+import resultfiles
 import rundir
 import tables
-from test_evaluate import fake_results as per_episode, runs  # noqa: F401  (runs: the fixture of two saved runs)
 
 WIDE = {"COLUMNS": "250"}
 PROTOCOL = {"kind": "fixed", "ways": 5, "shots": 5, "queries": 15}
@@ -94,7 +96,7 @@ def test_an_old_results_file_of_fractions_and_unicode_keys_still_compares(tmp_pa
     old["paired"] = {"x − Pre": {"domains": {}, "id_avg": None, "ood_avg": None}}
     old["baselines"] = {"Pre": old | {"paired": {}}}
 
-    loaded = tables.load_results(write(tmp_path / "old" / "results.json", old))
+    loaded = resultfiles.load_results(write(tmp_path / "old" / "results.json", old))
     result = invoke("--compare", write(tmp_path / "old" / "results.json", old), write(tmp_path / "new" / "results.json", new))
 
     assert loaded["domains"]["d"]["accuracies"] == [20.0, 60.0, 100.0] == new["domains"]["d"]["accuracies"]
@@ -144,14 +146,14 @@ def test_an_old_style_checkpoint_without_its_episode_records_none_rather_than_a_
 def test_the_file_name_keeps_the_start_of_the_data_string_and_its_hash_tells_paths_apart():
     name = {"finetune": "none", "seed": 0, "domains": {"d": {"episodes": 600}},
             "protocol": {"kind": "fixed", "ways": 5, "shots": 5, "queries": 15}}
-    glyphs = tables.results_name(name | {"data": "folder:/home/me/data/folder-tmp/glyphs@ood"})
-    long = tables.data_slug("folder:/a/omniglot@ood,torchvision:cifar10:/x:download=1,h5:/md/quickdraw@ood")
+    glyphs = resultfiles.results_name(name | {"data": "folder:/home/me/data/folder-tmp/glyphs@ood"})
+    long = resultfiles.data_slug("folder:/a/omniglot@ood,torchvision:cifar10:/x:download=1,h5:/md/quickdraw@ood")
 
     assert glyphs.startswith("results-zeroshot-5w5s15q-folder-glyphs-ood-") and glyphs.endswith("-seed0-600ep")
-    assert tables.data_slug("embedded") == "embedded"
+    assert resultfiles.data_slug("embedded") == "embedded"
     assert long == "folder-omniglot-ood-torchvision"  # whole words from the left, at most 32 characters
-    assert (tables.results_name(name | {"data": "folder:/x/glyphs@ood"})
-            != tables.results_name(name | {"data": "folder:/y/glyphs@ood"}))
+    assert (resultfiles.results_name(name | {"data": "folder:/x/glyphs@ood"})
+            != resultfiles.results_name(name | {"data": "folder:/y/glyphs@ood"}))
 
 
 def test_the_terminal_and_results_md_show_the_columns_in_one_order(runs):
@@ -174,7 +176,7 @@ def test_a_model_far_below_its_target_sparsity_is_warned_about_in_the_table_and_
     console = Console(file=io.StringIO(), width=300)
 
     tables.print_table([short], ["run"], console)
-    tables.write_results(tmp_path, short)
+    resultfiles.write_results(tmp_path, short)
 
     for text in (console.file.getvalue(), (tmp_path / "results.md").read_text()):
         assert "WARNING: an expert is 0.900 below τ = 0.9: the sparsity constraint was not met" in text
@@ -271,7 +273,7 @@ def test_gather_joins_every_results_csv_under_a_folder_into_one(tmp_path):
     splits = {"d": "id", "e": "ood"}
     for folder, name in (("a", "results.csv"), ("b/deeper", "results-zeroshot-x.csv")):
         (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / name).write_text(tables.long_csv({folder: fake_results({"d": [0.5, 1.0], "e": [0.0, 0.5]},
+        (tmp_path / folder / name).write_text(resultfiles.long_csv({folder: fake_results({"d": [0.5, 1.0], "e": [0.0, 0.5]},
                                                                                     splits)}))
     (tmp_path / "a" / "notes.csv").write_text("not,results\n1,2\n")
 
@@ -280,6 +282,6 @@ def test_gather_joins_every_results_csv_under_a_folder_into_one(tmp_path):
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [r["run"] for r in rows] == ["a"] * 4 + ["b/deeper"] * 4 and "results" not in rows[0]
-    assert rows[0]["file"] == str(tmp_path / "a" / "results.csv") and list(rows[0])[1:] == list(tables.CSV_COLUMNS)
+    assert rows[0]["file"] == str(tmp_path / "a" / "results.csv") and list(rows[0])[1:] == list(resultfiles.CSV_COLUMNS)
     empty = invoke("--gather", tmp_path / "a" / "nowhere")
     assert empty.exit_code == 2 and "is not a directory" in empty.stderr and empty.stderr.count("\n") == 1
