@@ -53,9 +53,10 @@ class Monitor:
     def __enter__(self) -> "Monitor":
         if self.project:  # first: the one that can fail (no login, no network)
             self.wandb = wandb_run(self.project, self.run)
-        if self.tensorboard:  # a resumed run drops what a killed session logged after its checkpoint
+        if self.tensorboard:  # a resumed run drops what a killed session logged after its checkpoint (or
+            # after episode 0, for one killed before its first checkpoint; a fresh run has nothing to drop)
             self.board = summary_writer()(str(self.run.out_dir / "tensorboard"),
-                                          purge_step=self.run.episodes_done + 1 if self.run.episodes_done else None)
+                                          purge_step=self.run.episodes_done + 1)
             if not self.run.episodes_done:
                 write_hparams(self.board, self.run.cfg)
         if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device

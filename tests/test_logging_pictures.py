@@ -321,10 +321,15 @@ def test_tensorboard_gets_the_final_test_and_the_config_as_hparams(assets, tmp_p
     assert start.hparams["n_experts"].number_value == 2 and start.hparams["method"].string_value == "smat"
 
 
-def test_a_resumed_run_drops_the_tensorboard_events_a_killed_session_wrote_after_its_checkpoint(assets, tmp_path):
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_resumed_run_drops_the_tensorboard_events_a_killed_session_wrote_after_its_checkpoint(assets, tmp_path,
+                                                                                              checkpoint):
     cfg = small_config(assets)
     run = train.meta_train(cfg, tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache", evaluate_at_end=False,
                            stop_after=4, tensorboard=True)
+    if not checkpoint:  # as a run killed before its first checkpoint: the resume starts again from episode 0
+        for name in ("checkpoint.pt", "best.pt"):
+            (run / name).unlink()
     killed = monitor.summary_writer()(str(run / "tensorboard"))  # what a session killed after episode 4 left
     for episode in (6, 7):
         killed.add_scalar("train/loss", 999.0, global_step=episode)

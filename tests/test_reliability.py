@@ -697,20 +697,33 @@ def test_missing_or_changed_shipped_weights_are_one_line_naming_the_file(tmp_pat
 # --- 6. two runs, one directory -------------------------------------------------------------------------
 
 
-def start_long_run(assets: Path, run: Path, cache: Path) -> subprocess.Popen:
-    """train.py for far more episodes than a test waits for, a checkpoint every meta-batch."""
-    flags = ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"), "--experts", "2", "--episodes",
-             "20000", "--checkpoint-every", "4", "--device", "cpu", "--no-evaluate", "--out", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMAT_CACHE": str(cache)}
-    return subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_long_run(assets):
+    """start(run, cache): train.py for far more episodes than a test waits for, a checkpoint every
+    meta-batch, with Ctrl-C as at a terminal (SIGINT's default, even where the tests were started with
+    it ignored, as by nohup or `&`); killed when the test ends, however it ends."""
+    started: list[subprocess.Popen] = []
+
+    def start(run: Path, cache: Path) -> subprocess.Popen:
+        flags = ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"), "--experts", "2", "--episodes",
+                 "20000", "--checkpoint-every", "4", "--device", "cpu", "--no-evaluate", "--out", str(run)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SMAT_CACHE": str(cache)}
+        started.append(subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, env=env, text=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()  # a no-op for one that has ended
+        process.wait()
 
 
 def test_a_second_train_py_into_a_running_runs_directory_is_refused_and_a_killed_runs_lock_is_taken_over(
-        assets, tmp_path, monkeypatch):
+        assets, tmp_path, monkeypatch, start_long_run):
     monkeypatch.setenv("SMAT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    first = start_long_run(assets, run, tmp_path / "cache")
+    first = start_long_run(run, tmp_path / "cache")
     wait_for(lambda: (run / "checkpoint.pt").exists(), first)
 
     second = CliRunner().invoke(train.app, train_args(assets, tmp_path, "--episodes", "20000"))  # the same --out
@@ -784,9 +797,9 @@ def test_a_full_disk_at_the_first_config_json_is_one_line_and_leaves_no_director
     assert CliRunner().invoke(train.app, train_args(assets, tmp_path)).exit_code == 0
 
 
-def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_code_130(assets, tmp_path):
+def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_code_130(assets, tmp_path, start_long_run):
     run = tmp_path / "run"
-    process = start_long_run(assets, run, tmp_path / "cache")
+    process = start_long_run(run, tmp_path / "cache")
     wait_for(lambda: (run / "checkpoint.pt").exists(), process)
 
     process.send_signal(signal.SIGINT)
