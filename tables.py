@@ -100,13 +100,18 @@ def per_episode(results: dict, domains: list[str]) -> Tensor:
 def paired_difference(a: dict, b: dict) -> dict:
     """a − b on the same test episodes, in accuracy points: per domain and for the ID and OOD
     averages, the mean difference and the half-width of its paired 95% CI, t_{0.975, n-1}·sd(diff)/√n
-    over n episodes (confidence_interval). For an average, episode i's difference is averaged over the split's domains first (the
-    domains' episodes are drawn independently), so the CI is over n episode-averaged differences."""
+    over n episodes (confidence_interval). For an average, episode i's difference is averaged over the
+    split's domains first (the domains' episodes are drawn independently), so the CI is over n
+    episode-averaged differences. Two results that record their --data must have tested the same: a
+    folder called glyphs in two places has the same domain name and other images."""
     same = ("seed", "partition", "protocol")
     if any(a.get(k) != b.get(k) for k in same) or a["domains"].keys() != b["domains"].keys() or any(
             a["domains"][d]["episodes"] != b["domains"][d]["episodes"] for d in a["domains"]):
         raise EvaluateError("a paired difference needs the same episodes: the same domains, episode count, "
                             "seed, partition and protocol in both results")
+    if a.get("data") is not None and b.get("data") is not None and a["data"] != b["data"]:
+        raise EvaluateError(f"a paired difference needs the same episodes, but one result tested --data {a['data']} "
+                            f"and the other --data {b['data']}; evaluate both runs on one --data")
     if any("accuracies" not in r["domains"][d] for r in (a, b) for d in a["domains"]):
         raise EvaluateError("a paired difference needs per-episode accuracies; evaluate again with this version")
     names = list(a["domains"])
@@ -141,7 +146,8 @@ def average_runs(results: list[dict]) -> dict:
             domains[name]["distance"] = first["domains"][name]["distance"]
     return {"results_format": RESULTS_FORMAT, "domains": domains, **_averages(domains),
             "method": first["method"], "finetune": first["finetune"], "partition": first["partition"],
-            "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)}
+            "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)} | (
+        {"data": first["data"]} if first.get("data") is not None else {})
 
 
 def split_average(results: dict, split: str) -> tuple[float, float] | None:

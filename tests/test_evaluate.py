@@ -404,6 +404,10 @@ def test_a_paired_difference_refuses_results_from_different_episodes():
                                    fake_results({"a": [0.5, 1.0]}, splits, seed=1))
     with pytest.raises(evaluate.EvaluateError, match="same episodes"):
         tables.paired_difference(fake_results({"a": [0.5, 1.0]}, splits), fake_results({"a": [0.5]}, splits))
+    here, there = ({**fake_results({"a": [0.5, 1.0]}, splits), "data": f"folder:{root}/glyphs@ood"} for root in "xy")
+    with pytest.raises(evaluate.EvaluateError, match="folder:x/glyphs@ood and the other --data folder:y/glyphs@ood"):
+        tables.paired_difference(here, there)  # one domain name, two folders of images
+    assert tables.paired_difference(here, {**here})["domains"]["a"]["mean"] == 0  # the same --data pairs
 
 
 def test_the_average_of_runs_is_the_per_episode_mean_and_keeps_each_runs_mean():
