@@ -55,9 +55,10 @@ class Monitor:
             self.wandb = wandb_run(self.project, self.run)
         if self.tensorboard:  # a resumed run drops what a killed session logged after its checkpoint (or
             # after episode 0, for one killed before its first checkpoint; a fresh run has nothing to drop)
-            self.board = summary_writer()(str(self.run.out_dir / "tensorboard"),
-                                          purge_step=self.run.episodes_done + 1)
-            if not self.run.episodes_done:
+            folder = self.run.out_dir / "tensorboard"
+            first = not folder.exists()  # the run's first session with --tensorboard, fresh or resumed
+            self.board = summary_writer()(str(folder), purge_step=self.run.episodes_done + 1)
+            if first:
                 write_hparams(self.board, self.run.cfg)
         if self.main:  # how this (possibly resumed) session runs: precision as resolved on this device
             self._append({"episode": self.run.episodes_done, "start": self.setting, "metrics_format": METRICS_FORMAT})

@@ -304,12 +304,16 @@ def board_scalars(run: Path) -> dict[tuple[str, int], float]:
     return {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag)}
 
 
-def test_tensorboard_gets_the_final_test_and_the_config_as_hparams(assets, tmp_path):
+@pytest.mark.parametrize("first_session", ["fresh", "resumed"])
+def test_tensorboard_gets_the_final_test_and_the_config_as_hparams(assets, tmp_path, first_session):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run = train.meta_train(small_config(assets), tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache",
-                           tensorboard=True)
+    cfg, resume = small_config(assets), first_session == "resumed"
+    if resume:  # a run that first asks for TensorBoard when it is resumed gets its hparams then
+        train.meta_train(cfg, tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache", stop_after=4)
+    run = train.meta_train(cfg, tmp_path / "run", device="cpu", cache_dir=tmp_path / "cache", tensorboard=True,
+                           resume=resume)
 
     results = json.loads((run / "results.json").read_text())
     written = board_scalars(run)
