@@ -364,6 +364,13 @@ def main(
     .md and .csv into each run (or OUT/<run name>/), and for several runs their comparison-*.json, .md and .csv
     into the runs' folder (or OUT), never replacing another evaluation's file."""
     try:
+        modes = [flag for flag, on in (("--compare", compare_stored), ("--gather", gather_csv), ("--curves", curves)) if on]
+        if len(modes) > 1:
+            raise EvaluateError(f"{' and '.join(modes)} are separate modes (stored results; csv files; training "
+                                f"curves); give one")
+        if gather_csv and out is not None:
+            raise EvaluateError("--gather prints one CSV on stdout; redirect it (python evaluate.py --gather runs > "
+                                "all.csv) and drop --out")
         if compare_stored:
             console = cli.console()
             written = resultfiles.compare_files(run_dirs, out, console)

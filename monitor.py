@@ -180,8 +180,10 @@ def summary_writer() -> type:
     return SummaryWriter
 
 
-def wandb_module():
-    """The optional wandb package (one RunError line without it)."""
+def wandb_module(project: str | None = None):
+    """The optional wandb package (one RunError line without it, or for an empty `project` name)."""
+    if project is not None and not project.strip():
+        raise RunError("--wandb needs a Weights & Biases project name, e.g. --wandb smat; or drop --wandb")
     try:
         import wandb
     except ImportError:

@@ -76,8 +76,8 @@ def meta_train(
     console = console or cli.console()
     if tensorboard:
         summary_writer()  # the extra is installed
-    if wandb:
-        wandb_module()
+    if wandb is not None:
+        wandb_module(wandb)
     procs = devices.processes(device, cfg)
     runstate.check_stop_after(cfg, stop_after)
     devices.resolve_precision(cfg.precision, procs.device)

@@ -296,6 +296,16 @@ def test_wandb_without_its_package_is_one_line_and_nothing_is_written(assets, tm
     assert not (tmp_path / "never").exists()
 
 
+def test_wandb_with_an_empty_project_name_is_one_line_not_a_run_without_wandb(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+
+    result = CliRunner().invoke(train.app, ["--data", data_flag(assets), "--backbone", str(assets / "vit.pt"),
+                                            "--episodes", "4", "--wandb", " ", "--out", str(tmp_path / "never")])
+
+    assert result.exit_code == 2 and "--wandb needs a Weights & Biases project name" in result.output, result.output
+    assert not (tmp_path / "never").exists()
+
+
 def board_scalars(run: Path) -> dict[tuple[str, int], float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -285,3 +285,12 @@ def test_gather_joins_every_results_csv_under_a_folder_into_one(tmp_path):
     assert rows[0]["file"] == str(tmp_path / "a" / "results.csv") and list(rows[0])[1:] == list(resultfiles.CSV_COLUMNS)
     empty = invoke("--gather", tmp_path / "a" / "nowhere")
     assert empty.exit_code == 2 and "is not a directory" in empty.stderr and empty.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [("--compare", "--curves"), ("--gather", "--compare"), ("--gather", "--out", "x")])
+def test_evaluate_modes_that_contradict_each_other_are_one_line_not_a_silent_choice(tmp_path, flags):
+    result = invoke(tmp_path, *flags)
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "separate modes" in lines[0] or "redirect it" in lines[0]
