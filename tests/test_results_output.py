@@ -11,8 +11,8 @@ import statistics
 import pytest
 import torch
 from rich.console import Console
-from test_evaluate import fake_results as per_episode  # noqa: F401  (runs: the fixture of two saved runs)
-from test_evaluate import runs
+from test_evaluate import fake_results as per_episode
+from test_evaluate import runs  # noqa: F401  (the fixture of two saved runs)
 from typer.testing import CliRunner
 
 import evaluate
