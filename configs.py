@@ -131,11 +131,20 @@ def filled_fields(values: object) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if f.name not in present]
 
 
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (json.loads would keep the last of a repeated key)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:
+        raise ValueError(f"the key {twice!r} is given twice")
+    return dict(pairs)
+
+
 def read_json(path: Path, what: str) -> object:
     if not path.is_file():
         raise RunError(f"{path} is not a file; {what}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=_once)  # a key twice: which one was meant?
     except (OSError, ValueError) as error:
         raise RunError(f"{path} is not readable JSON ({reason(error)}); {what}") from None
 
@@ -251,7 +260,16 @@ OFFICIAL_IGNORED: tuple[str, ...] = (
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML as researchers write it: `lr: 1e-4` is a number (YAML 1.1 would read the string "1e-4")."""
+    """YAML as researchers write it: `lr: 1e-4` is a number (YAML 1.1 would read the string "1e-4"), and
+    a key given twice in one mapping is an error, not a silent choice of the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        twice = next((i for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {keys[twice]!r} is given twice",
+                                                    node.value[twice][0].start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -325,7 +343,7 @@ def read_config_file(path: Path) -> dict:
     try:
         text = path.read_text()
         values = tomllib.loads(text) if kind == "TOML" else \
-            yaml.load(text, Loader=_YamlLoader) if kind == "YAML" else json.loads(text)
+            yaml.load(text, Loader=_YamlLoader) if kind == "YAML" else json.loads(text, object_pairs_hook=_once)
     except yaml.YAMLError as error:
         raise RunError(f"{where}: not a readable YAML file of Config fields ({_yaml_reason(error)})") from None
     except (OSError, UnicodeDecodeError, ValueError) as error:

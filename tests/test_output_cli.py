@@ -252,6 +252,8 @@ def test_a_yaml_of_the_official_keys_maps_each_to_its_field(tmp_path):
     ("n_experts: [1, 2", "not a readable YAML file of Config fields (expected ',' or ']'"),
     ("n_experts: 4\n  sparsity: 0.5", "not a readable YAML file"),
     ("- 1\n- 2", "not an object of Config fields"),
+    ("n_experts: 4\nn_experts: 8", "the key 'n_experts' is given twice at line 2"),  # YAML alone keeps the last
+    ("optimizer: {lr: 0.1}\noptimizer: {momentum: 0.9}", "the key 'optimizer' is given twice"),
 ])
 def test_a_bad_yaml_config_is_one_line_and_exit_code_2(assets, tmp_path, text, words):
     (tmp_path / "c.yaml").write_text(text)
@@ -261,6 +263,15 @@ def test_a_bad_yaml_config_is_one_line_and_exit_code_2(assets, tmp_path, text, w
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and words in lines[0], result.output
     assert "Traceback" not in result.output and not (tmp_path / "never").exists()
+
+
+def test_a_json_config_with_a_key_given_twice_is_one_line_not_the_last_value(assets, tmp_path):
+    (tmp_path / "c.json").write_text('{"n_experts": 4, "n_experts": 8}')  # json.loads alone keeps the 8
+
+    result = invoke(assets, tmp_path, "--config", str(tmp_path / "c.json"))
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "the key 'n_experts' is given twice" in lines[0], result.output
 
 
 def test_docs_configs_lists_every_official_key():

@@ -184,10 +184,14 @@ def without_checkpoints(assets: Path, ws: Path) -> Path:
     return run
 
 
-def with_bad_config(assets: Path, ws: Path) -> Path:
+def with_config_text(assets: Path, ws: Path, text: str) -> Path:
     run = copy_run(assets, ws / "run")
-    (run / "config.json").write_text('{"n_experts": 2,')
+    (run / "config.json").write_text(text)
     return run
+
+
+def with_bad_config(assets: Path, ws: Path) -> Path:
+    return with_config_text(assets, ws, '{"n_experts": 2,')
 
 
 def with_truncated_checkpoint(assets: Path, ws: Path) -> Path:
@@ -369,6 +373,8 @@ CASES = {
         'sparsity = "0.9" is not valid; it must be a finite number'),
     "evaluate: config.json holds null for a number": lambda a, ws: (
         E, evaluate_args(edit_json(copy_run(a, ws / "run"), "config.json", seed=None)), "seed = null"),
+    "evaluate: config.json gives a key twice": lambda a, ws: (
+        E, evaluate_args(with_config_text(a, ws, '{"n_experts": 2, "n_experts": 3}')), "'n_experts' is given twice"),
     "--resume: config.json holds true for an integer": lambda a, ws: (
         T, ["--resume", str(edit_json(copy_run(a, ws / "run"), "config.json", n_experts=True)), *RESUME],
         "n_experts = true is not valid; it must be an integer"),
