@@ -218,6 +218,9 @@ def long_csv(runs: dict[str, dict], paired: dict[str, dict] | None = None) -> st
     return _csv(long_rows(runs, paired), CSV_COLUMNS)
 
 
+GATHERED = ("run", "method", "domain", "split", "mean", "ci95")  # what makes a csv a results csv, in any version
+
+
 def gather(folders: list[Path]) -> str:
     """Every results csv under `folders` (results.csv, results-*.csv, at any depth) as one CSV, with a
     first column "file" naming where each row came from; columns a file lacks are left empty."""
@@ -232,12 +235,17 @@ def gather(folders: list[Path]) -> str:
     rows, columns = [], {"file": None}
     for path in files:
         try:
-            found = list(csv.DictReader(io.StringIO(path.read_text())))
+            header, *lines = list(csv.reader(io.StringIO(path.read_text(), newline=""), strict=True)) or [[]]
         except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise EvaluateError(f"cannot read {path} ({type(error).__name__}); remove it or write it again") from None
-        for row in found:
-            columns |= dict.fromkeys(row)
-            rows.append({"file": str(path)} | row)
+            raise EvaluateError(f"cannot read {path} ({cli.reason(error)}); remove it or write it again") from None
+        width = next((i + 2 for i, line in enumerate(lines) if len(line) != len(header)), None)
+        if not set(GATHERED) <= set(header) or width is not None:
+            where = f"line {width} has another number of cells than its header" if width else "its header lacks " \
+                + ", ".join(c for c in GATHERED if c not in header)
+            raise EvaluateError(f"{path} is not a results csv ({where}); remove it or write it again with evaluate.py")
+        for line in lines:
+            columns |= dict.fromkeys(header)
+            rows.append({"file": str(path)} | dict(zip(header, line)))
     return _csv(rows, tuple(columns))
 
 
@@ -284,6 +292,10 @@ def compare_files(paths: list[Path], out: Path | None = None, console: Console |
     there too (write_comparison); returns their path without suffix."""
     if len(paths) < 2:
         raise EvaluateError("--compare needs at least two results files")
+    resolved = [Path(p).resolve() for p in paths]
+    twice = next((p for p, r in zip(paths, resolved) if resolved.count(r) > 1), None)
+    if twice is not None:
+        raise EvaluateError(f"results file {twice} is given twice; name each once")
     if out is not None:
         rundir.check_target_directory(out, "--out")
     results = [load_results(p) for p in paths]

@@ -294,3 +294,26 @@ def test_evaluate_modes_that_contradict_each_other_are_one_line_not_a_silent_cho
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "separate modes" in lines[0] or "redirect it" in lines[0]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("run,x\n1,2\n", "is not a results csv (its header lacks method, domain, split, mean, ci95)"),
+    (",".join(resultfiles.GATHERED) + "\na,b,c,d,e,f,extra\n", "line 2 has another number of cells than its header"),
+    ('run,method\n"unclosed\n', "cannot read"),
+])
+def test_gather_refuses_a_results_csv_it_cannot_join_in_one_line(tmp_path, content, words):
+    (tmp_path / "results-mine.csv").write_text(content)
+
+    result = invoke("--gather", tmp_path)
+
+    assert result.exit_code == 2 and words in result.stderr and result.stderr.count("\n") == 1, result.output
+
+
+def test_compare_refuses_one_results_file_given_twice_rather_than_pairing_it_with_itself(tmp_path):
+    path = tmp_path / "run" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(fake_results({"d": [0.5, 1.0]}, {"d": "id"})))
+
+    result = invoke("--compare", path, tmp_path / "run" / ".." / "run" / "results.json")
+
+    assert result.exit_code == 2 and "is given twice" in result.stderr and result.stderr.count("\n") == 1
