@@ -417,8 +417,7 @@ def check_flags(run_dirs: list[Path], episodes: int | None, seed: int, finetune:
     """Every flag, before any run is loaded: what the evaluation would refuse, and every place a file
     will be written (so that an error there cannot cost the evaluation)."""
     check_request(episodes, finetune, finetune_lr, seed, grid)
-    paths = [Path(r).resolve() for r in run_dirs]
-    twice = next((r for r, p in zip(run_dirs, paths) if paths.count(p) > 1), None)
+    twice = rundir.given_twice(run_dirs)
     if twice is not None:
         raise EvaluateError(f"run {twice} is given twice; name each run once")
     if out is not None:

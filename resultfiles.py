@@ -292,8 +292,7 @@ def compare_files(paths: list[Path], out: Path | None = None, console: Console |
     there too (write_comparison); returns their path without suffix."""
     if len(paths) < 2:
         raise EvaluateError("--compare needs at least two results files")
-    resolved = [Path(p).resolve() for p in paths]
-    twice = next((p for p, r in zip(paths, resolved) if resolved.count(r) > 1), None)
+    twice = rundir.given_twice(paths)
     if twice is not None:
         raise EvaluateError(f"results file {twice} is given twice; name each once")
     if out is not None:

@@ -153,6 +153,12 @@ def check_target_directory(path: Path, flag: str) -> None:
         raise RunError(f"{flag} {path} cannot be created: {ancestor} is not writable")
 
 
+def given_twice(paths: list[Path]) -> Path | None:
+    """The first of `paths` (command-line arguments) that names the same file or folder as another, or None."""
+    resolved = [Path(p).resolve() for p in paths]
+    return next((p for p, r in zip(paths, resolved) if resolved.count(r) > 1), None)
+
+
 def check_run_files(run_dir: Path, names=RUN_FILES) -> None:
     """Every run file present in `run_dir` must be a plain file (a folder in its place is refused
     before any work, not found when the work is written)."""
