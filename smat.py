@@ -19,9 +19,7 @@ its parts; §8 is the meta-update: `meta_update` reduces a meta-batch of tasks (
 and steps `MetaOptimizer` (optimisers, clipping, dual ascent on the multipliers).
 """
 
-import functools
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal, get_args, get_origin
@@ -405,13 +403,9 @@ def interpolate(
     return theta_pre + mask * delta
 
 
-def training_gates(log_alpha: Tensor, sampling: MaskSampling, generator: torch.Generator) -> Tensor:
-    """z of a training task: a stochastic hard-concrete sample, or the official noise-free gate (§2)."""
-    return sample_gates(log_alpha, generator) if sampling == "stochastic" else official_train_gates(log_alpha)
-
-
-# Each way of drawing gates as the fused merge needs it (fused_merge.py, Config.fused_merge): the draw
-# as a function of (log α, generator) and the temperature t of its sigmoid.
+# Each way of drawing gates z (§2), as a function of (log α, generator), and the temperature t of its
+# sigmoid (the fused merge needs it: fused_merge.py, Config.fused_merge). A training task draws by
+# Config.mask_sampling: a stochastic hard-concrete sample, or the official noise-free gate.
 GATES = {
     "stochastic": (sample_gates, BETA),
     "official": (lambda log_alpha, generator: official_train_gates(log_alpha), BETA),
@@ -686,7 +680,7 @@ class SMAT(nn.Module):
                                                           *GATES[self.cfg.mask_sampling], (GAMMA, ZETA), generator)
             return TaskParameters(theta, weights, logits, gates)
         else:
-            gates = training_gates(self.log_alpha, self.cfg.mask_sampling, generator)
+            gates = GATES[self.cfg.mask_sampling][0](self.log_alpha, generator)
         return TaskParameters(interpolate(self.theta_pre, self.delta, merge_masks(weights, gates)), weights,
                               logits, gates)
 
@@ -762,7 +756,7 @@ def meta_train_step(
     if cfg.kl_to_pretrained:
         distill_terms.append(distillation(query_logits, pre_logits, cfg.distill_temperature, cfg.distill_direction))
     if distill_terms:
-        distill = functools.reduce(operator.add, distill_terms)
+        distill = sum(distill_terms[1:], distill_terms[0])
         loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * distill
         terms["distill"] = distill.detach()
     if cfg.teacher:  # how much the teacher knows that the student does not: a teacher that teaches leads
@@ -939,10 +933,10 @@ def meta_update(model: SMAT, optimizer: MetaOptimizer, outputs: list[StepOutput]
         dist.all_reduce(packed)
         violation, sparsity = packed[:n], packed[n: 2 * n]
         stats = dict(zip(stats, packed[2 * n:] / dist.get_world_size()))
-    # 3) Never step on inf/nan (one host sync per step).
-    bad = [name for name, value in stats.items() if not torch.isfinite(value)]
-    if bad:
-        raise NonFiniteLoss(f"non-finite {bad[0]}")
+    # 3) Never step on inf/nan (one host sync per step, for all the statistics at once).
+    finite = torch.stack(list(stats.values())).isfinite()
+    if not finite.all():
+        raise NonFiniteLoss(f"non-finite {next(name for name, ok in zip(stats, finite.tolist()) if not ok)}")
     # 4) The optimisers (lr × lr_scale), clipping, the clamp of log α and dual ascent on λ.
     optimizer.step(lr_scale, violation, sparsity, scaler)
     return MetaBatch(stats, violation, sparsity, torch.stack([o.weights for o in outputs]))
