@@ -463,7 +463,7 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         runs.append((Path(run_dir), model, cfg, sources_for[key]))
     targets = [run_dir if out is None else out / run_dir.name for run_dir, *_ in runs]
     for target in targets:  # results files get names no other file has (free_name): only pictures are replaced
-        rundir.check_run_files(target, pictures.PICTURES if plots else ())
+        rundir.check_run_files(target, rundir.PICTURES if plots else ())
     with ExitStack() as claims:
         for target in targets:  # the run directories, or folders under --out that exist already
             if target.is_dir():

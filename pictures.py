@@ -18,8 +18,6 @@ import monitor
 import rundir
 from tables import EvaluateError, split_average
 
-PICTURES = ("router_weights.png", "kept_fraction.png", "mask_overlap.png")  # --plots, in each run directory
-
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, or one clear line if the extra is missing."""

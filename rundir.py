@@ -37,9 +37,12 @@ from smat import SMAT, Config
 
 CHECKPOINT_FORMAT = "smat-run/1"  # the "format" entry of every checkpoint.pt and best.pt
 DATA_FORMAT = "smat-data/1"  # the "format" entry of data.json
-# Every file this program writes into a run directory (evaluate.py's pictures included), and the lock.
+PICTURES = ("router_weights.png", "kept_fraction.png", "mask_overlap.png")  # evaluate.py --plots, in each run
+# Every file of fixed name this program writes into a run directory (evaluate.py's pictures and
+# --curves included); evaluate.py's own results are results-*.json / .md / .csv (EVALUATION_FILE).
 RUN_FILES = ("config.json", "data.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "results.md",
-             "results.csv", "router_weights.png", "kept_fraction.png", "mask_overlap.png")
+             "results.csv", *PICTURES, "training_curves.png")
+EVALUATION_FILE = re.compile(r"(results|comparison)-[\w.+-]+\.(json|md|csv)")
 LOCK_FILE = ".lock"
 
 
@@ -48,14 +51,14 @@ LOCK_FILE = ".lock"
 
 def temporary(path: Path) -> Path:
     """Where `path` is written before the rename: `.NAME.tmpPID` beside it. The stale-file sweep of a
-    run directory removes exactly these names (for the names in RUN_FILES), nothing else."""
+    run directory removes exactly these names (for the names in RUN_FILES and EVALUATION_FILE), nothing else."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def is_temporary(name: str) -> bool:
     """Whether `name` is a temporary file this program writes into a run directory."""
     match = re.fullmatch(r"\.(.+)\.tmp\d+", name)
-    return bool(match) and match.group(1) in RUN_FILES
+    return bool(match) and (match.group(1) in RUN_FILES or bool(EVALUATION_FILE.fullmatch(match.group(1))))
 
 
 def write_atomically(path: Path, write) -> None:

@@ -769,8 +769,11 @@ def test_runs_started_in_the_same_second_without_out_get_a_directory_each(assets
 def test_the_stale_temporary_sweep_removes_only_this_programs_temporaries(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("SMAT_CACHE", str(tmp_path / "cache"))
     run = copy_run(assets, tmp_path / "run")
-    ours = [".checkpoint.pt.tmp999999", ".config.json.tmp12", ".results.md.tmp7", ".mask_overlap.png.tmp3"]
-    users = [".notes.tmp1", ".config.json.tmpx", ".checkpoint.pt.tmp12.bak", ".mine.tmp", "draft.tmp3", ".tmp4"]
+    ours = [".checkpoint.pt.tmp999999", ".config.json.tmp12", ".results.md.tmp7", ".mask_overlap.png.tmp3",
+            ".training_curves.png.tmp8", ".results-zeroshot-5w5s15q-embedded-3f2a1c-seed0-600ep.json.tmp5",
+            ".comparison-zeroshot-var-embedded-3f2a1c-seed0-600ep-2.csv.tmp6"]
+    users = [".notes.tmp1", ".config.json.tmpx", ".checkpoint.pt.tmp12.bak", ".mine.tmp", "draft.tmp3", ".tmp4",
+             ".results-mine.txt.tmp3", ".results-.json.tmp4"]
     for name in ours + users:
         (run / name).write_text("x")
 
