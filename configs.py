@@ -27,7 +27,7 @@ from cli import RunError, one_line, reason
 from smat import Config
 
 # The "config_format" entry of config.json and of every checkpoint's config: 1 (no entry) before it was
-# recorded. A configuration lacking fields added since it was written reads their defaults (`read_config`
+# recorded. A configuration lacking fields added since it was written reads their defaults (`note_filled_fields`
 # says which in one note line); one of a newer format is refused.
 CONFIG_FORMAT = 2
 
@@ -131,12 +131,16 @@ def filled_fields(values: object) -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if f.name not in present]
 
 
+def first_repeated(keys: list) -> int | None:
+    """The index of the first key that repeats an earlier one, or None."""
+    return next((i for i, key in enumerate(keys) if key in keys[:i]), None)
+
+
 def _once(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all different (json.loads would keep the last of a repeated key)."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    twice = first_repeated([key for key, _ in pairs])
     if twice is not None:
-        raise ValueError(f"the key {twice!r} is given twice")
+        raise ValueError(f"the key {pairs[twice][0]!r} is given twice")
     return dict(pairs)
 
 
@@ -265,7 +269,7 @@ class _YamlLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(key, deep=True) for key, _ in node.value]
-        twice = next((i for i, key in enumerate(keys) if key in keys[:i]), None)
+        twice = first_repeated(keys)
         if twice is not None:
             raise yaml.constructor.ConstructorError(None, None, f"the key {keys[twice]!r} is given twice",
                                                     node.value[twice][0].start_mark)

@@ -24,7 +24,6 @@ from typing import Annotated, Literal, Optional, TypedDict
 
 import torch
 import typer
-from rich.console import Console
 from torch import Tensor
 
 import cli
@@ -41,7 +40,7 @@ import tables
 from data import Episode, Source
 from finetuning import FINETUNE_STEPS, FinetuneError, finetune_logits
 from smat import SMAT, Config
-from tables import EvaluateError, _averages, confidence_interval
+from tables import EvaluateError, averages, confidence_interval
 
 FinetuneMode = Literal["none", "full", "lora"]
 # Candidate learning rates, tried in this order; strict ">" so lr 0 (no fine-tuning) wins ties
@@ -177,7 +176,7 @@ def evaluate_model(
             density += domain_density.item() / episodes / len(sources)
         if finetune != "none":
             domains[source.name]["finetune_lr"] = lrs[source.name]
-    results: Results = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **_averages(domains),
+    results: Results = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **averages(domains),
                         "method": "pre" if tested.pre else model.cfg.method,
                         "variant": {} if tested.pre else rundir.variant(model.cfg), "finetune": finetune,
                         "partition": partition, "seed": seed, "protocol": asdict(protocol),
@@ -320,7 +319,7 @@ def tested_checkpoint(run_dir: Path, state: dict) -> dict:
             "episode": state.get("episode"), "val_accuracy": state["best_val"] if best else None}
 
 
-# --- § 5 The command line ----------------------------------------------------------------------------
+# --- § 3 The command line ----------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -485,12 +484,13 @@ def run_all(run_dirs, episodes, seed, data_spec, finetune, finetune_lr, baseline
         shown = ([pre] if pre else []) + results
         names = ([pre_name] if pre else []) + [run_dir.name for run_dir, *_ in runs]
         paths = ([f"{runs[0][0]} (its frozen backbone)"] if pre else []) + [str(run_dir) for run_dir, *_ in runs]
+        paired = tables.pairwise(shown, names)
         if len(runs) > 1:
             folder = comparison_folder(run_dirs, out)
             folder.mkdir(parents=True, exist_ok=True)
-            written.append(resultfiles.write_comparison(folder, shown, names, paths))
+            written.append(resultfiles.write_comparison(folder, shown, names, paths, paired))
     console = cli.console()  # the terminal's width, or unlimited off one
-    tables.print_table(shown, names, console, tables.pairwise(shown, names), paths)
+    tables.print_table(shown, names, console, paired, paths)
     for path in written:
         cli.print_line(console, f"wrote {path}.json, .md and .csv")
     for run_dir in run_dirs:  # last: a run refused anywhere above gets only its error line
@@ -504,10 +504,10 @@ def evaluate_runs(runs: list, episodes: int | None, seed: int, finetune: Finetun
     kwargs = dict(episodes=episodes if episodes is not None else runs[0][2].test_episodes, seed=seed,
                   finetune=finetune, finetune_lr=finetune_lr, finetune_grid=grid, device=device)
     results, pre, pre_name = [], None, "Pre" + ("" if finetune == "none" else f"+{finetune}")
-    status = Console(stderr=True)
+    status = cli.console(stderr=True)
     if finetune != "none" and finetune_lr is None:
         domains = sum(bool(s.class_sizes("val")) for s in runs[0][3])
-        status.print(search_plan(grid, domains, len(runs) + baselines), markup=False, highlight=False, soft_wrap=True)
+        cli.print_line(status, search_plan(grid, domains, len(runs) + baselines))
     with monitor.episode_bar(status) as bar:
         for run_dir, model, cfg, sources in runs:
             jobs = [(Tested(model), run_dir.name)]

@@ -100,7 +100,7 @@ def plot_router_weights(results: dict, path: Path, log: Console | None = None) -
     for a model without a router (`router_note`), one line on `log` (default stderr) instead."""
     note = router_note(results)
     if note is not None:
-        cli.print_line(log or Console(stderr=True), note)
+        cli.print_line(log or cli.console(stderr=True), note)
         return
     plt = pyplot()
     names = list(results["domains"])
@@ -186,7 +186,7 @@ def plot_mask_overlap(results: dict, path: Path, log: Console | None = None) -> 
     The diagonal (always 1) is left blank. With one expert there is no pair: one line on `log` instead."""
     overlap = torch.tensor(results["experts"]["overlap"], dtype=torch.float64)
     if len(overlap) < 2:
-        cli.print_line(log or Console(stderr=True), "no mask_overlap.png: one expert has no other to overlap")
+        cli.print_line(log or cli.console(stderr=True), "no mask_overlap.png: one expert has no other to overlap")
         return
     plt = pyplot()
     overlap.fill_diagonal_(float("nan"))

@@ -123,10 +123,10 @@ def write_files(directory: Path, stem: str, files: dict[str, str]) -> None:
 
 
 def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | None = None,
-                  stem: str = "results") -> None:
+                  stem: str = "results") -> dict:
     """<stem>.json, .md and .csv in `run_dir` (results.*: train.py's final test). `baselines` (e.g.
     {"Pre": ...}) join the json and the table, before the run, with the run's paired difference
-    against each; the csv is the long form of all of it (long_rows)."""
+    against each; the csv is the long form of all of it (long_rows). Returns what the json holds."""
     results = with_baselines(results, baselines)
     name = Path(run_dir).name
     columns = {**(baselines or {}), name: results}
@@ -138,13 +138,14 @@ def write_results(run_dir: Path, results: dict, baselines: dict[str, dict] | Non
         ".json": json.dumps(results, indent=2, allow_nan=False) + "\n",
         ".md": markdown_text(f"Results: {name}", header, list(columns.values()), list(columns), differences),
         ".csv": long_csv(columns, differences)})
+    return results
 
 
-def write_comparison(directory: Path, results: list[dict], names: list[str], paths: list[str]) -> Path:
+def write_comparison(directory: Path, results: list[dict], names: list[str], paths: list[str],
+                     paired: dict[str, dict]) -> Path:
     """comparison-<what was measured>.json, .md and .csv in `directory`, under a name no file has:
-    every run's results (without per-episode lists) and its source, and every pairwise paired
-    difference (pairwise). Returns the path without its suffix."""
-    paired = pairwise(results, names)
+    every run's results (without per-episode lists) and its source, and `paired`, every pairwise
+    paired difference (tables.pairwise). Returns the path without its suffix."""
     stem = free_name(directory, "comparison" + results_name(results[-1]).removeprefix("results"))
     heavy = {"accuracies", "router_weights", "baselines", "paired", "experts", "config"}
     runs = {name: {"source": path} | {k: v for k, v in r.items() if k not in heavy}
@@ -238,14 +239,13 @@ def gather(folders: list[Path]) -> str:
             header, *lines = list(csv.reader(io.StringIO(path.read_text(), newline=""), strict=True)) or [[]]
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise EvaluateError(f"cannot read {path} ({cli.reason(error)}); remove it or write it again") from None
-        width = next((i + 2 for i, line in enumerate(lines) if len(line) != len(header)), None)
-        if not set(GATHERED) <= set(header) or width is not None:
-            where = f"line {width} has another number of cells than its header" if width else "its header lacks " \
-                + ", ".join(c for c in GATHERED if c not in header)
+        bad_line = next((i + 2 for i, line in enumerate(lines) if len(line) != len(header)), None)
+        if not set(GATHERED) <= set(header) or bad_line is not None:
+            where = f"line {bad_line} has another number of cells than its header" if bad_line else \
+                "its header lacks " + ", ".join(c for c in GATHERED if c not in header)
             raise EvaluateError(f"{path} is not a results csv ({where}); remove it or write it again with evaluate.py")
-        for line in lines:
-            columns |= dict.fromkeys(header)
-            rows.append({"file": str(path)} | dict(zip(header, line)))
+        columns |= dict.fromkeys(header)
+        rows += [{"file": str(path)} | dict(zip(header, line)) for line in lines]
     return _csv(rows, tuple(columns))
 
 
@@ -307,6 +307,6 @@ def compare_files(paths: list[Path], out: Path | None = None, console: Console |
     written = None
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        written = write_comparison(out, results, names, [str(p) for p in paths])
+        written = write_comparison(out, results, names, [str(p) for p in paths], differences)
     print_table(results, names, console or cli.console(), differences, [str(p) for p in paths])
     return written

@@ -83,7 +83,7 @@ def average_groups(domains: dict) -> dict[str, list[str]]:
     return {key: names for key, names in groups.items() if names}
 
 
-def _averages(domains: dict) -> dict[str, float | None]:
+def averages(domains: dict) -> dict[str, float | None]:
     """Each average's mean accuracy, unweighted over its domains, as the paper."""
     groups = average_groups(domains)
     out: dict[str, float | None] = {"id_avg": None, "ood_avg": None}
@@ -144,7 +144,7 @@ def average_runs(results: list[dict]) -> dict:
                          "run_means": [r["domains"][name]["mean"] for r in results]}
         if "distance" in first["domains"][name]:
             domains[name]["distance"] = first["domains"][name]["distance"]
-    return {"results_format": RESULTS_FORMAT, "domains": domains, **_averages(domains),
+    return {"results_format": RESULTS_FORMAT, "domains": domains, **averages(domains),
             "method": first["method"], "finetune": first["finetune"], "partition": first["partition"],
             "seed": first["seed"], "protocol": first["protocol"], "runs": len(results)} | (
         {"data": first["data"]} if first.get("data") is not None else {})
@@ -269,6 +269,12 @@ def sparsity_line(results: dict) -> str:
     return line
 
 
+def note_lines(names: list[str], results: list[dict]) -> list[str]:
+    """The lines under a table: each run's per-domain fine-tuning lrs and its tested model's sparsity."""
+    lrs = [line for n, r in zip(names, results) if (line := lr_line(n, r))]
+    return lrs + [f"{n}: {sparsity_line(r)}" for n, r in zip(names, results) if "sparsity" in r]
+
+
 def print_table(results: list[dict], names: list[str], console: Console | None = None,
                 differences: dict[str, dict] | None = None, paths: list[str] | None = None) -> None:
     """The table on `console`: runs under their whole names where the table fits its width, else
@@ -286,8 +292,7 @@ def print_table(results: list[dict], names: list[str], console: Console | None =
         short = lambda name: letters.get(name, name)  # noqa: E731
         table = compare(results, [column_label(short(n), r) for n, r in zip(names, results)], differences, text, short)
     console.print(table)
-    lines = legend + [line for n, r in zip(names, results) if (line := lr_line(n, r))]
-    lines += [f"{n}: {sparsity_line(r)}" for n, r in zip(names, results) if "sparsity" in r]
+    lines = legend + note_lines(names, results)
     for line in lines:
         cli.print_line(console, line)
 
@@ -304,8 +309,7 @@ def markdown_text(title: str, header: str, results: list[dict], names: list[str]
                   notes: list[str] = ()) -> str:
     """A results .md: title, one header line, the table (as the terminal's, whole names), then the
     notes, lr and sparsity lines."""
-    lines = list(notes) + [line for n, r in zip(names, results) if (line := lr_line(n, r))]
-    lines += [f"{n}: {sparsity_line(r)}" for n, r in zip(names, results) if "sparsity" in r]
+    lines = list(notes) + note_lines(names, results)
     return (f"# {title}\n\n{header} Accuracy % ± 95% CI; differences in points ± paired 95% CI over the same "
             f"episodes.\n\n" + markdown_table(results, [column_label(n, r) for n, r in zip(names, results)], differences)
             + "".join(f"\n{line}\n" for line in lines))

@@ -117,14 +117,14 @@ def meta_train(
                         loss = out.loss / cfg.meta_batch  # the gradients accumulate to the meta-batch mean
                         (run.scaler.scale(loss) if run.scaler else loss).backward()
                         outputs.append(out)
+                    lr = lr_scale(run.step, run.total_steps, cfg.warmup_fraction)
                     with run.naming_the_step():  # a non-finite loss names its step and the last good checkpoint
-                        batch = smat.meta_update(run.model, run.optimizer, outputs,
-                                                 lr_scale(run.step, run.total_steps, cfg.warmup_fraction), run.scaler)
+                        batch = smat.meta_update(run.model, run.optimizer, outputs, lr, run.scaler)
                     run.step += 1
                     run.model.tasks_seen.fill_(run.episodes_done)
                     # --- plumbing: metrics, validation (best.pt), checkpoint.pt ---
                     if procs.main and monitor.log_due():
-                        monitor.log(batch, lr_scale(run.step - 1, run.total_steps, cfg.warmup_fraction))
+                        monitor.log(batch, lr)
                     if procs.main and run.validation_due():
                         monitor.validated(validate_and_keep_best(run, id_sources, procs.device, monitor.stages))
                     if procs.main and run.checkpoint_due():
@@ -168,8 +168,7 @@ def final_evaluation(out_dir: Path, sources: list, device, console: Console) -> 
                 run[name] = evaluate.evaluate_model(tested, sources, cfg, partition="test", episodes=cfg.test_episodes,
                                                     seed=0, device=device, progress=stages)
     run[cfg.method]["checkpoint"] = evaluate.tested_checkpoint(out_dir, state)  # which model was tested
-    resultfiles.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
-    results = tables.with_baselines(run[cfg.method], {"Pre": run["Pre"]})
+    results = resultfiles.write_results(out_dir, run[cfg.method], {"Pre": run["Pre"]})
     tables.print_table([run["Pre"], run[cfg.method]], ["Pre", rundir.variant_label(cfg)], console, results["paired"])
     return results
 

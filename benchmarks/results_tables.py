@@ -49,7 +49,7 @@ def first(results: dict, n: int) -> dict:
         accuracies = d["accuracies"][:n]
         mean, ci95 = tables.confidence_interval(tables.torch.tensor(accuracies, dtype=tables.torch.float64))
         domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
-    return results | {"domains": domains, **tables._averages(domains)}
+    return results | {"domains": domains, **tables.averages(domains)}
 
 
 def selection_scores(select: Path) -> dict[str, dict[int, float]]:

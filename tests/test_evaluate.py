@@ -382,7 +382,7 @@ def test_near_and_far_ood_get_their_own_paired_averages_and_table_rows():
     for results in (first, second):
         for name, distance in (("n1", "near"), ("n2", "near"), ("f", "far")):
             results["domains"][name]["distance"] = distance
-        results |= tables._averages(results["domains"])
+        results |= tables.averages(results["domains"])
 
     paired = tables.paired_difference(first, second)
 

@@ -252,6 +252,7 @@ def test_a_yaml_of_the_official_keys_maps_each_to_its_field(tmp_path):
     ("n_experts: [1, 2", "not a readable YAML file of Config fields (expected ',' or ']'"),
     ("n_experts: 4\n  sparsity: 0.5", "not a readable YAML file"),
     ("- 1\n- 2", "not an object of Config fields"),
+    ("train: {datasets: aircraft}", "train.datasets = \"aircraft\" is not valid; it must be a list of Meta-Dataset source"),
     ("n_experts: 4\nn_experts: 8", "the key 'n_experts' is given twice at line 2"),  # YAML alone keeps the last
     ("optimizer: {lr: 0.1}\noptimizer: {momentum: 0.9}", "the key 'optimizer' is given twice"),
 ])

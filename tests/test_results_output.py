@@ -297,12 +297,14 @@ def test_evaluate_modes_that_contradict_each_other_are_one_line_not_a_silent_cho
 
 
 @pytest.mark.parametrize("content, words", [
+    (None, "--gather: no results*.csv under"),  # a folder without results
     ("run,x\n1,2\n", "is not a results csv (its header lacks method, domain, split, mean, ci95)"),
     (",".join(resultfiles.GATHERED) + "\na,b,c,d,e,f,extra\n", "line 2 has another number of cells than its header"),
     ('run,method\n"unclosed\n', "cannot read"),
 ])
 def test_gather_refuses_a_results_csv_it_cannot_join_in_one_line(tmp_path, content, words):
-    (tmp_path / "results-mine.csv").write_text(content)
+    if content is not None:
+        (tmp_path / "results-mine.csv").write_text(content)
 
     result = invoke("--gather", tmp_path)
 

@@ -28,7 +28,7 @@ def results(seed: int, level: float, finetune: str = "none", episodes: int = 12)
         mean, ci95 = tables.confidence_interval(torch.tensor(accuracies))
         domains[name] = {"split": split, "mean": mean, "ci95": ci95, "episodes": episodes, "accuracies": accuracies,
                          "router_weights": [0.5, 0.5]} | ({"distance": DISTANCE[name]} if name in DISTANCE else {})
-    out = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **tables._averages(domains),
+    out = {"results_format": tables.RESULTS_FORMAT, "domains": domains, **tables.averages(domains),
            "method": "x", "finetune": finetune, "partition": "test", "seed": 0, "protocol": PROTOCOL}
     if finetune != "none":
         chosen = {name: CANDIDATES[(seed + i) % len(CANDIDATES)] for i, name in enumerate(SPLITS)}
