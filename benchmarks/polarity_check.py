@@ -38,6 +38,9 @@ class Inverted(data.Source):
     def class_names(self, partition):
         return self.source.class_names(partition)
 
+    def hierarchy(self, partition):  # the variable protocol draws hierarchical sources' classes by it
+        return self.source.hierarchy(partition)
+
     def load(self, partition, class_index, image_indices, image_size):
         return 255 - self.source.load(partition, class_index, image_indices, image_size)
 

@@ -10,7 +10,8 @@
 #    test: 600 seeded episodes per domain (the same for every run), the model beside Pre on them.
 # 2. real glyphs (benchmarks/make_glyph_check.py, never seen in pretraining or meta-training) in both
 #    polarities, dark ink on white as built and the same images inverted, as OOD test domains of every
-#    main run: GLYPH_EPISODES per domain, into $OUT/glyphs/<run>/ and $OUT/glyphs-inverted/<run>/.
+#    main run: GLYPH_EPISODES per domain, into $OUT/glyphs-results/<run>/ and
+#    $OUT/glyphs-inverted-results/<run>/.
 # 3. δ scaling: every main run with its δ scaled by 0.25, 0.5, 1, 1.5, and each PMF run also at the
 #    update norm of the SMAT run of its seed (benchmarks/delta_scaling.py), DELTA_EPISODES per domain;
 #    and polarity: every main run and Pre on the embedded OOD domains with each image inverted

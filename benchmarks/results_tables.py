@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import delta_scaling  # noqa: E402  (the repository root and benchmarks/ are on the path only now)
+import torch  # noqa: E402
 
 import pictures  # noqa: E402
 import resultfiles  # noqa: E402
@@ -47,7 +48,7 @@ def first(results: dict, n: int) -> dict:
     domains = {}
     for name, d in results["domains"].items():
         accuracies = d["accuracies"][:n]
-        mean, ci95 = tables.confidence_interval(tables.torch.tensor(accuracies, dtype=tables.torch.float64))
+        mean, ci95 = tables.confidence_interval(torch.tensor(accuracies, dtype=torch.float64))
         domains[name] = d | {"accuracies": accuracies, "mean": mean, "ci95": ci95, "episodes": len(accuracies)}
     return results | {"domains": domains, **tables.averages(domains)}
 
@@ -57,7 +58,7 @@ def selection_scores(select: Path) -> dict[str, dict[int, float]]:
     scores: dict[str, dict[int, float]] = {}
     for done in sorted(select.glob("*-seed*/.done")):
         setting, seed = done.parent.name.rsplit("-seed", 1)
-        records = [json.loads(line) for line in (done.parent / "metrics.jsonl").read_text().splitlines()]
+        records = pictures.read_metrics(done.parent)
         scores.setdefault(setting, {})[int(seed)] = max(r["val_accuracy"] for r in records if "val_accuracy" in r)
     return scores
 
@@ -169,25 +170,26 @@ def split_cells(results: dict) -> str:
     return " | ".join(f"{results[k]:.2f}" if results.get(k) is not None else "-" for k in KEYS)
 
 
-def shared(root: Path, prefixes: list[str], episodes: int) -> dict[str, dict]:
-    """{prefix: seed-mean results} over the seeds every prefix has, on the first `episodes` episodes."""
+def shared(root: Path, prefixes: list[str], episodes: int) -> tuple[dict[str, dict], list[int]]:
+    """({prefix: seed-mean results}, the seeds): over the seeds every prefix has, on the first `episodes`
+    episodes."""
     families = {p: seeds_of(root, p) for p in prefixes}
     seeds = set.intersection(*(set(f) for f in families.values())) if families else set()
     return {p: tables.average_runs([first(f[s], episodes) for s in sorted(seeds)]) for p, f in families.items()
             if seeds}, sorted(seeds)
 
 
-def episode_slopes(by_value: dict[float, dict], key: str, per_doubling: bool) -> "tables.torch.Tensor | None":
+def episode_slopes(by_value: dict[float, dict], key: str, per_doubling: bool) -> "torch.Tensor | None":
     """Per episode, the least-squares slope (points per unit of the value, or per doubling) of one
     average's accuracy against the swept value; None when no domain is in that average."""
     values = sorted(by_value)
     groups = tables.average_groups(by_value[values[0]]["domains"]).get(key)
     if not groups:
         return None
-    xs = tables.torch.tensor(values, dtype=tables.torch.float64)
+    xs = torch.tensor(values, dtype=torch.float64)
     xs = xs.log2() if per_doubling else xs
     # episodes × values: each episode's average over the group's domains, for every value
-    ys = tables.torch.stack([tables.per_episode(by_value[v], groups).mean(1) for v in values], 1)
+    ys = torch.stack([tables.per_episode(by_value[v], groups).mean(1) for v in values], 1)
     centred = xs - xs.mean()
     return (ys - ys.mean(1, keepdim=True)) @ centred / (centred @ centred)  # accuracies are in points
 

@@ -150,6 +150,20 @@ def test_embedded_benchmark_has_five_id_and_three_ood_domains(embedded):
     assert splits.count("id") >= 5 and splits.count("ood") >= 3 and len({s.name for s in sources}) == len(sources)
 
 
+def test_the_embedded_ood_domains_are_three_near_and_three_far_and_the_near_strokes_and_points_are_dark_on_light(
+        embedded):
+    _, sources = embedded
+    by_name = {s.name: s for s in sources}
+
+    assert sorted(s.split for s in sources).count("id") == 5
+    assert sorted(s.name for s in sources if s.distance == "near") == ["scripts", "specks", "stars"]
+    assert sorted(s.name for s in sources if s.distance == "far") == ["curves", "mosaics", "rosettes"]
+    assert all(s.distance is None for s in sources if s.split == "id")
+    # sparse ink: the background fills most pixels, so the median is the background's brightness
+    median = {name: by_name[name].load("test", 0, range(3), 32).float().median().item() for name in by_name}
+    assert median["scripts"] > 128 > median["glyphs"] and median["specks"] > 128 > median["constellations"]
+
+
 def test_embedded_build_is_deterministic_and_seed_dependent(embedded, tmp_path):
     cache, _ = embedded
 

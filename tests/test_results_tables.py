@@ -57,7 +57,7 @@ def write_tree(root: Path) -> dict:
             (root / "finetune" / run.name).mkdir(parents=True)
             (root / "finetune" / run.name / "results-full-5w5s15q-embedded-seed0-12ep.json").write_text(json.dumps(tuned))
             made[(method, seed)], made[(method, seed, "zero-shot")] = tuned, zero_shot
-            # the real-glyph check: zero-shot, and fine-tuned with a given lr (no validation classes)
+            # the real-glyph check, in both polarities: zero-shot
             for folder, name, content in (("glyphs-results", "results-zeroshot-x.json", zero_shot),
                                           ("glyphs-inverted-results", "results-zeroshot-x.json", zero_shot)):
                 (root / folder / run.name).mkdir(parents=True)
