@@ -313,10 +313,13 @@ def search_plan(grid: tuple[float, ...], domains: int, models: int) -> str:
 
 def tested_checkpoint(run_dir: Path, state: dict) -> dict:
     """Which checkpoint of a run rundir.load_run tested (best.pt if there, else checkpoint.pt): the
-    file, the episode it was saved at and, when it is the model best on validation, that accuracy."""
-    best = state.get("episode") == state.get("best_episode") and state.get("best_val", -1.0) >= 0
+    file, the episode it was saved at and, when it is the model best on validation, that accuracy.
+    Evaluation needs none of these fields, so one a damaged file lacks or mistypes is recorded as null."""
+    number = lambda value: value if type(value) in (int, float) and math.isfinite(value) else None  # noqa: E731
+    episode, best_val = number(state.get("episode")), number(state.get("best_val"))
+    best = episode is not None and episode == state.get("best_episode") and best_val is not None and best_val >= 0
     return {"file": "best.pt" if (Path(run_dir) / "best.pt").is_file() else "checkpoint.pt",
-            "episode": state.get("episode"), "val_accuracy": state["best_val"] if best else None}
+            "episode": episode, "val_accuracy": best_val if best else None}
 
 
 # --- § 3 The command line ----------------------------------------------------------------------------

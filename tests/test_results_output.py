@@ -319,3 +319,15 @@ def test_compare_refuses_one_results_file_given_twice_rather_than_pairing_it_wit
     result = invoke("--compare", path, tmp_path / "run" / ".." / "run" / "results.json")
 
     assert result.exit_code == 2 and "is given twice" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("state", [{"episode": 8, "best_episode": 8, "best_val": None},
+                                   {"episode": 8, "best_episode": 8, "best_val": float("nan")},
+                                   {"episode": "8", "best_episode": 8, "best_val": 81.5}, {}])
+def test_the_tested_checkpoint_of_a_damaged_file_is_recorded_as_null_not_a_crash(tmp_path, state):
+    whole = evaluate.tested_checkpoint(tmp_path, {"episode": 8, "best_episode": 8, "best_val": 81.5})
+
+    damaged = evaluate.tested_checkpoint(tmp_path, state)
+
+    assert whole == {"file": "checkpoint.pt", "episode": 8, "val_accuracy": 81.5}
+    assert damaged["val_accuracy"] is None and json.dumps(damaged, allow_nan=False)
