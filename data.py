@@ -16,6 +16,8 @@ data_config_common.gin], re-implemented here; no Meta-Dataset, PMF or SMAT code 
 import math
 import multiprocessing
 import os
+import sys
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -402,7 +404,7 @@ def training_stream(sources: Sequence[Source], protocol: Protocol, seed: int, im
         TrainingEpisodes(sources, protocol, seed, image_size), batch_size=None,
         sampler=range(start, start + count * stride, stride), num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None, multiprocessing_context=context,
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=quiet_sharing_threads if workers else None)
     items = iter(loader)
 
     def episodes() -> Iterator[Episode]:
@@ -417,6 +419,20 @@ def training_stream(sources: Sequence[Source], protocol: Protocol, seed: int, im
         shutdown = getattr(items, "_shutdown_workers", None)  # DataLoader's own clean-up, with workers
         if shutdown is not None:
             shutdown()
+
+
+def quiet_sharing_threads(worker_id: int) -> None:
+    """In a data worker: a worker hands each episode's tensors over through a file-descriptor-sharing
+    thread (multiprocessing.resource_sharer), which prints a traceback when the training process drops
+    a transfer half-way because it is stopping (Ctrl-C). The training process says why it stopped, in
+    one line; so a connection error in a thread of a worker is not printed. Anything else still is."""
+    default = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if threading.current_thread() is threading.main_thread() or not issubclass(kind, (ConnectionError, EOFError)):
+            default(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def evaluation_episodes(source: Source, partition: Literal["val", "test"], protocol: Protocol, n_episodes: int,

@@ -4,6 +4,8 @@ episodes, the embedded benchmark and each real source on data the test itself cr
 import json
 import math
 import pickle
+import sys
+import threading
 
 import h5py
 import numpy as np
@@ -625,3 +627,21 @@ def test_the_in_place_training_transform_gives_the_bits_of_the_out_of_place_one(
     plain = out_of_place_train_transform(images.clone(), np.random.default_rng(n), (0.08, 1.0), size)
 
     assert torch.equal(fast, plain)
+
+
+def test_a_data_worker_keeps_quiet_only_about_a_sharing_thread_whose_connection_the_stopping_trainer_dropped(
+        monkeypatch):
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, traceback: printed.append(kind))
+    data.quiet_sharing_threads(0)
+
+    def report(kind):
+        sys.excepthook(kind, kind(), None)
+
+    for kind in (ConnectionResetError, EOFError, ValueError):  # as multiprocessing.resource_sharer reports them
+        thread = threading.Thread(target=report, args=(kind,))
+        thread.start()
+        thread.join()
+    report(ConnectionResetError)  # the worker's own (main) thread
+
+    assert printed == [ValueError, ConnectionResetError]

@@ -814,7 +814,9 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_code_130(assets, tmp_p
     process.send_signal(signal.SIGINT)
 
     assert process.wait(timeout=180) == 130  # generous: a loaded CI machine is slow to unwind
-    (line,) = process.stderr.read().strip().splitlines()
+    lines = process.stderr.read().strip().splitlines()
+    assert len(lines) == 1, lines
+    (line,) = lines
     assert line.startswith("error: interrupted (Ctrl-C)") and f"python train.py --resume {run}" in line
     assert rundir.read_checkpoint(run / "checkpoint.pt")["episode"] > 0 and not (run / rundir.LOCK_FILE).exists()
 
